@@ -1,0 +1,32 @@
+"""Flax definitions of timm's ViT, DeiT, Swin, VGG and ResNet; see docs/design.md for the interface."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from vitsparse_jax.models.base import ModelInfo
+from vitsparse_jax.models.registry import create_model, list_models, split_name
+
+
+def model_info(module: nn.Module) -> ModelInfo:
+    return module.info()
+
+
+def dummy_input(module: nn.Module, batch: int = 1) -> jax.Array:
+    size = model_info(module).img_size
+    return jnp.zeros((batch, size, size, 3), jnp.float32)
+
+
+def init_untrained(module: nn.Module, seed: int = 0) -> dict:
+    """Variables drawn with the family's timm initialisation scheme, seeded."""
+    return jax.jit(module.init)(jax.random.PRNGKey(seed), dummy_input(module))
+
+
+def variable_shapes(module: nn.Module) -> dict:
+    """Shapes/dtypes of the module's variables, without allocating them."""
+    return jax.eval_shape(module.init, jax.random.PRNGKey(0), dummy_input(module))
+
+
+__all__ = ["ModelInfo", "create_model", "list_models", "split_name", "model_info", "init_untrained",
+           "dummy_input", "variable_shapes"]

@@ -1,0 +1,77 @@
+"""Pieces shared by every model family: ModelInfo, capture filtering, mask checks."""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+# Every matmul and conv runs at full float32 precision unless a module is told otherwise (timm parity).
+DEFAULT_PRECISION = jax.lax.Precision.HIGHEST
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    """Static facts about a model; see docs/design.md."""
+
+    name: str
+    family: str
+    num_classes: int
+    img_size: int
+    num_prefix_tokens: int
+    patch_grid: tuple[int, int]
+    stages: tuple[str, ...]
+    mask_sites: tuple[str, ...]
+    ablation_sites: tuple[str, ...]
+    capture_names: tuple[str, ...]
+    default_cfg: Mapping[str, Any]
+
+
+def select_captures(found: Mapping[str, Array], capture: tuple[str, ...],
+                    valid_names: tuple[str, ...]) -> dict[str, Array]:
+    """Keeps the tensors whose name matches one of the fnmatch patterns in `capture`.
+
+    `valid_names` is every name the model can capture (also those not computed in a run that starts
+    at a later stage); a pattern that matches none of them is a ValueError.
+    """
+    if not capture:
+        return {}
+    if isinstance(capture, str):
+        raise TypeError(f"capture must be a tuple of patterns, got the string {capture!r}")
+    for pattern in capture:
+        if not fnmatch.filter(valid_names, pattern):
+            raise ValueError(f"capture pattern {pattern!r} matches no name of this model; "
+                             f"valid names: {', '.join(valid_names)}")
+    return {k: v for k, v in found.items() if any(fnmatch.fnmatchcase(k, p) for p in capture)}
+
+
+def check_masks(masks: Mapping[str, Array] | None, valid_sites: tuple[str, ...]) -> dict[str, Array]:
+    """Returns `masks` as a dict; an unknown site name is a ValueError that lists the valid ones."""
+    if not masks:
+        return {}
+    unknown = sorted(set(masks) - set(valid_sites))
+    if unknown:
+        raise ValueError(f"unknown mask site(s) {unknown}; valid sites: {', '.join(valid_sites)}")
+    return dict(masks)
+
+
+def check_start(start: str | None, stages: tuple[str, ...]) -> int:
+    """Index of the stage to start from (0 when `start` is None)."""
+    if start is None:
+        return 0
+    if start not in stages:
+        raise ValueError(f"unknown start stage {start!r}; valid stages: {', '.join(stages)}")
+    return stages.index(start)
+
+
+def apply_unit_mask(x: Array, mask: Array | None) -> Array:
+    """Multiplies an activation map (B, H, W, C) by a keep mask broadcastable to it."""
+    if mask is None:
+        return x
+    mask = jnp.asarray(mask, x.dtype)
+    if mask.ndim != x.ndim:
+        raise ValueError(f"mask of shape {mask.shape} must have {x.ndim} dims to broadcast to {x.shape}")
+    return x * mask
