@@ -1,0 +1,56 @@
+"""Entry point: python -m vitsparse_jax.main --config=configs/ablate.py [--config.x=y ...]."""
+from __future__ import annotations
+
+import importlib
+import logging
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from vitsparse_jax.workdir import Workdir
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:arg]).",
+                                          lock_config=True)
+
+EXPERIMENTS = {
+    "ablate": "vitsparse_jax.ablation",
+    "sparsity": "vitsparse_jax.sparsity",
+    "receptive_field": "vitsparse_jax.receptive_field",
+    "train": "vitsparse_jax.train",
+}
+
+
+def _init_distributed(cfg) -> None:
+    import jax
+
+    if cfg.auto:
+        jax.distributed.initialize()
+    elif cfg.coordinator:
+        jax.distributed.initialize(coordinator_address=cfg.coordinator, num_processes=cfg.num_processes,
+                                   process_id=cfg.process_id)
+
+
+def run(config) -> dict:
+    if config.experiment not in EXPERIMENTS:
+        raise ValueError(f"unknown experiment {config.experiment!r}; one of {', '.join(EXPERIMENTS)}")
+    _init_distributed(config.distributed)
+    import jax
+
+    workdir = Workdir(config.workdir)
+    if jax.process_index() == 0:
+        workdir.write_metadata(config)
+    experiment = importlib.import_module(EXPERIMENTS[config.experiment])
+    return experiment.run(config, workdir)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if _CONFIG.value is None:
+        raise app.UsageError("--config is required, e.g. --config=configs/ablate.py")
+    logging.getLogger("absl").setLevel(logging.INFO)
+    run(_CONFIG.value)
+
+
+if __name__ == "__main__":
+    app.run(main)
