@@ -23,6 +23,7 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
     d.batch_size = 64          # global batch size (over all devices and hosts)
     d.cache_dir = ""           # on-disk cache of preprocessed uint8 crops ('' = off)
     d.num_workers = 8          # decode threads per host
+    d.label_space = "auto"     # 'auto' (wnid classes -> timm's ImageNet-1k index) | 'dataset' | 'imagenet'
     d.update(overrides)
     return d
 

@@ -20,20 +20,12 @@ EXPERIMENTS = {
 }
 
 
-def _init_distributed(cfg) -> None:
-    import jax
-
-    if cfg.auto:
-        jax.distributed.initialize()
-    elif cfg.coordinator:
-        jax.distributed.initialize(coordinator_address=cfg.coordinator, num_processes=cfg.num_processes,
-                                   process_id=cfg.process_id)
-
-
 def run(config) -> dict:
     if config.experiment not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {config.experiment!r}; one of {', '.join(EXPERIMENTS)}")
-    _init_distributed(config.distributed)
+    from vitsparse_jax import parallel
+
+    parallel.initialize_distributed(**config.distributed)  # before anything touches a device
     import jax
 
     workdir = Workdir(config.workdir)

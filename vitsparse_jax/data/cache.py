@@ -1,0 +1,79 @@
+"""On-disk cache of preprocessed uint8 crops, so a sweep decodes each image once.
+
+Layout: <root>/<slug>-<key>/ with `meta.json` (what the key hashes) and one file per image,
+<ab>/<sha1 of the image key>.npy (the crop) or .skip (why it could not be read). The directory key hashes
+the dataset identity and the transform's parameters, so a model with another size, crop_pct or
+interpolation gets its own entries. Every file is written to a temporary name and renamed: readers (other
+threads, processes or hosts on a shared disk) see a whole file or none.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import tempfile
+from typing import Any
+
+import numpy as np
+
+CACHE_FORMAT = 1
+
+
+class CropCache:
+    def __init__(self, root: str | os.PathLike, identity: str, transform_params: dict[str, Any]):
+        meta = {"format": CACHE_FORMAT, "dataset": identity, "transform": transform_params}
+        blob = json.dumps(meta, sort_keys=True).encode()
+        slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", identity).strip("_")[-48:]
+        self.dir = os.path.join(os.fspath(root), f"{slug}-{hashlib.sha256(blob).hexdigest()[:16]}")
+        os.makedirs(self.dir, exist_ok=True)
+        meta_path = os.path.join(self.dir, "meta.json")
+        if not os.path.exists(meta_path):
+            _atomic_write(meta_path, json.dumps(meta, indent=1, sort_keys=True).encode())
+
+    def _path(self, key: str) -> str:
+        digest = hashlib.sha1(key.encode()).hexdigest()
+        return os.path.join(self.dir, digest[:2], digest)
+
+    def get(self, key: str) -> np.ndarray | str | None:
+        """The cached crop, the reason string of a cached failure, or None (not cached)."""
+        path = self._path(key)
+        try:
+            return np.load(path + ".npy", allow_pickle=False)
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, EOFError):  # damaged entry (e.g. a full disk): recompute it
+            return None
+        try:
+            with open(path + ".skip", encoding="utf-8") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+
+    def put(self, key: str, value: np.ndarray | str) -> None:
+        """Stores a crop (uint8 array) or a failure reason (str)."""
+        path = self._path(key)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        if isinstance(value, str):
+            _atomic_write(path + ".skip", value.encode("utf-8"))
+        else:
+            _atomic_write(path + ".npy", _npy_bytes(np.ascontiguousarray(value, dtype=np.uint8)))
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

@@ -1,0 +1,146 @@
+"""timm's eval transform, reproduced with PIL + numpy, and on-device normalisation.
+
+timm's `create_transform(**resolve_data_config(model=m))` for eval (crop_mode 'center', square input) is
+  torchvision Resize(floor(size / crop_pct), interpolation)  -> PIL `Image.resize` (antialiased)
+  torchvision CenterCrop(size)                                 -> PIL `Image.crop` at round()ed offsets
+  ToTensor + Normalize(mean, std)                              -> `normalize` below, on device.
+The same PIL calls with the same integer sizes give the same uint8 crop, bit for bit.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+# timm.data.constants
+IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
+DEFAULT_CROP_PCT = 0.875
+
+INTERPOLATIONS: dict[str, Image.Resampling] = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalTransform:
+    """Resize + center crop of timm's eval transform. `__call__`: RGB PIL image -> uint8 (H, W, 3)."""
+
+    size: tuple[int, int]  # (height, width) of the crop
+    crop_pct: float = DEFAULT_CROP_PCT
+    interpolation: str = "bicubic"
+    crop_mode: str = "center"  # 'center' (timm's default) or 'squash'
+
+    def __post_init__(self) -> None:
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation {self.interpolation!r} is not one of {sorted(INTERPOLATIONS)}")
+        if self.crop_mode not in ("center", "squash"):
+            raise ValueError(f"crop_mode {self.crop_mode!r} is not supported; use 'center' or 'squash'")
+        if self.crop_mode == "center" and self.size[0] != self.size[1]:
+            raise ValueError(f"crop_mode 'center' is implemented for square inputs only, got {self.size}")
+
+    @classmethod
+    def from_cfg(cls, cfg: Mapping[str, Any]) -> EvalTransform:
+        """From a timm pretrained_cfg / data config (missing keys take timm's defaults)."""
+        input_size = cfg.get("input_size", (3, 224, 224))
+        if cfg.get("crop_border_pixels"):
+            raise ValueError("crop_border_pixels is not supported")
+        interpolation = cfg.get("interpolation") or "bicubic"
+        if interpolation == "random":  # timm's train-only option; eval resolves it to bilinear
+            interpolation = "bilinear"
+        return cls(size=(int(input_size[-2]), int(input_size[-1])),
+                   crop_pct=float(cfg.get("crop_pct") or DEFAULT_CROP_PCT),
+                   interpolation=interpolation,
+                   crop_mode=cfg.get("crop_mode") or "center")
+
+    @property
+    def scale_size(self) -> tuple[int, int]:
+        return (math.floor(self.size[0] / self.crop_pct), math.floor(self.size[1] / self.crop_pct))
+
+    def params(self) -> dict[str, Any]:
+        """Everything that determines the output (the cache key)."""
+        return {"size": list(self.size), "crop_pct": self.crop_pct, "interpolation": self.interpolation,
+                "crop_mode": self.crop_mode}
+
+    def __call__(self, img: Image.Image) -> np.ndarray:
+        resample = INTERPOLATIONS[self.interpolation]
+        if self.crop_mode == "squash":
+            img = _resize_to(img, self.scale_size, resample)
+        else:
+            img = _resize_shorter(img, self.scale_size[0], resample)
+        out = np.asarray(_center_crop(img, self.size), dtype=np.uint8)
+        if out.shape != (*self.size, 3):
+            raise ValueError(f"expected an RGB image, got an array of shape {out.shape}")
+        return out
+
+
+def _resize_to(img: Image.Image, size: tuple[int, int], resample: Image.Resampling) -> Image.Image:
+    h, w = size
+    return img if img.size == (w, h) else img.resize((w, h), resample)
+
+
+def _resize_shorter(img: Image.Image, short: int, resample: Image.Resampling) -> Image.Image:
+    """torchvision Resize(int): shorter side -> `short`, longer side truncated like torchvision does."""
+    w, h = img.size
+    if w <= h:
+        size = (short, int(short * h / w))
+    else:
+        size = (int(short * w / h), short)
+    return _resize_to(img, (size[1], size[0]), resample)
+
+
+def _center_crop(img: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """torchvision CenterCrop: zero-pad if too small, then offsets int(round((dim - crop) / 2))."""
+    th, tw = size
+    w, h = img.size
+    if tw > w or th > h:
+        padded = Image.new(img.mode, (max(w, tw), max(h, th)), 0)
+        padded.paste(img, ((tw - w) // 2 if tw > w else 0, (th - h) // 2 if th > h else 0))
+        img = padded
+        w, h = img.size
+    top = int(round((h - th) / 2.0))
+    left = int(round((w - tw) / 2.0))
+    return img.crop((left, top, left + tw, top + th))
+
+
+def decode_image(data: bytes | np.ndarray | Image.Image) -> Image.Image:
+    """Encoded file bytes (any format PIL reads) or a uint8 array -> fully decoded RGB PIL image.
+
+    Colour handling is PIL's `convert('RGB')` for every mode (L, LA, P, PA, RGBA, CMYK, I;16, I, ...),
+    as timm's loader does. Raises on unreadable data (garbage, truncated files): callers count those.
+    """
+    if isinstance(data, Image.Image):
+        return data.convert("RGB")
+    if isinstance(data, np.ndarray):
+        if data.dtype != np.uint8:
+            raise TypeError(f"decoded images must be uint8 arrays, got {data.dtype}")
+        return Image.fromarray(data).convert("RGB")
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()  # decode everything now: a truncated file raises here, not later
+        return img.convert("RGB")
+
+
+def normalize(images: jax.Array | np.ndarray, cfg: Mapping[str, Any] | None = None, *,
+              mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None,
+              dtype: Any = jnp.float32) -> jax.Array:
+    """uint8 (..., 3) crops -> (x / 255 - mean) / std, as torchvision's ToTensor + Normalize.
+
+    mean/std come from `cfg` (a timm pretrained_cfg) unless given; default: ImageNet's. jit-friendly.
+    """
+    cfg = cfg or {}
+    mean = mean if mean is not None else cfg.get("mean", IMAGENET_DEFAULT_MEAN)
+    std = std if std is not None else cfg.get("std", IMAGENET_DEFAULT_STD)
+    x = jnp.asarray(images).astype(jnp.float32) / 255.0
+    x = (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+    return x.astype(dtype)
