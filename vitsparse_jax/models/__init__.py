@@ -1,6 +1,8 @@
 """Flax definitions of timm's ViT, DeiT, Swin, VGG and ResNet; see docs/design.md for the interface."""
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
@@ -18,9 +20,14 @@ def dummy_input(module: nn.Module, batch: int = 1) -> jax.Array:
     return jnp.zeros((batch, size, size, 3), jnp.float32)
 
 
+@functools.lru_cache(maxsize=None)
+def _jitted_init(module: nn.Module):  # modules are frozen dataclasses: equal configs share one compilation
+    return jax.jit(module.init)
+
+
 def init_untrained(module: nn.Module, seed: int = 0) -> dict:
     """Variables drawn with the family's timm initialisation scheme, seeded."""
-    return jax.jit(module.init)(jax.random.PRNGKey(seed), dummy_input(module))
+    return _jitted_init(module)(jax.random.PRNGKey(seed), dummy_input(module))
 
 
 def variable_shapes(module: nn.Module) -> dict:
