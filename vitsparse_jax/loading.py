@@ -81,8 +81,8 @@ def load_model(name: str, weights: str = "", checkpoint_dir: str = "", seed: int
         module = models.create_model(arch, **overrides)
         info = models.model_info(module)
         variables = models.init_untrained(module, seed)
-        return LoadedModel(module, variables, info, dict(info.default_cfg), arch, tag,
-                           f"{UNTRAINED} (seed {seed})")
+        cfg = {**info.default_cfg, "num_classes": info.num_classes}
+        return LoadedModel(module, variables, info, cfg, arch, tag, f"{UNTRAINED} (seed {seed})")
     if weights == BUILTIN:
         path = find_checkpoint(arch, tag, str(ASSETS))
     elif weights:

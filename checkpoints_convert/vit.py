@@ -1,0 +1,62 @@
+"""timm ViT / DeiT state dict -> flat Flax variables of `vitsparse_jax.models.vit.VisionTransformer`.
+
+The Flax tree mirrors timm's module tree, so every Flax path has exactly one timm key:
+`params/blocks_3/attn/qkv/kernel` <- `blocks.3.attn.qkv.weight` (transposed), `.../norm1/scale` <-
+`blocks.3.norm1.weight`, `params/pos_embed` <- `pos_embed`.
+"""
+from __future__ import annotations
+
+import re
+
+import flax.linen as nn
+import numpy as np
+
+from vitsparse_jax import models
+from vitsparse_jax.checkpoint import CheckpointError, flatten
+
+
+def timm_key(flax_path: str) -> str:
+    """'params/blocks_3/attn/qkv/kernel' -> 'blocks.3.attn.qkv.weight'."""
+    collection, *parts = flax_path.split("/")
+    if collection != "params":
+        raise CheckpointError(f"ViT has no {collection!r} variables (got {flax_path!r})")
+    *modules, leaf = parts
+    modules = [re.sub(r"_(\d+)$", r".\1", m) for m in modules]   # blocks_3 -> blocks.3
+    if modules:
+        leaf = {"kernel": "weight", "scale": "weight"}.get(leaf, leaf)
+    return ".".join([*modules, leaf])
+
+
+def to_flax(flax_path: str, value: np.ndarray) -> np.ndarray:
+    """torch layout -> flax layout: Linear (out, in) -> (in, out); Conv (O, I, kh, kw) -> (kh, kw, I, O)."""
+    if flax_path.endswith("/kernel"):
+        if value.ndim == 2:
+            return value.T
+        if value.ndim == 4:
+            return value.transpose(2, 3, 1, 0)
+    return value
+
+
+def convert_state_dict(sd: dict[str, np.ndarray], module: nn.Module) -> dict[str, np.ndarray]:
+    """Strict: a Flax parameter without its timm key, a timm key left over, or a shape mismatch is a
+    CheckpointError naming the key and the model."""
+    model = models.model_info(module).name
+    expected = flatten(models.variable_shapes(module))
+    out, used = {}, set()
+    for path in sorted(expected):
+        key = timm_key(path)
+        if key not in sd:
+            raise CheckpointError(f"{model}: timm key {key!r} (for parameter {path!r}) is missing from the "
+                                  f"state dict")
+        value = to_flax(path, np.asarray(sd[key]))
+        if value.shape != tuple(expected[path].shape):
+            raise CheckpointError(f"{model}: timm key {key!r} has shape {np.shape(sd[key])}, which does not fit "
+                                  f"parameter {path!r} of shape {tuple(expected[path].shape)}")
+        out[path] = np.ascontiguousarray(value, dtype=expected[path].dtype)
+        used.add(key)
+    unexpected = sorted(set(sd) - used)
+    if unexpected:
+        raise CheckpointError(f"{model}: timm key {unexpected[0]!r} has no counterpart in the Flax model"
+                              + (f" (and {len(unexpected) - 1} more: {unexpected[1:6]})" if len(unexpected) > 1
+                                 else ""))
+    return out

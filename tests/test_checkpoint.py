@@ -1,0 +1,215 @@
+"""Converted weights: timm -> convert -> save -> load round trips, strict checks, no torch when loading."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+timm = pytest.importorskip("timm")
+
+import checkpoints_convert  # noqa: E402
+from checkpoints_convert import convert, convert_state_dict, convert_timm_module, load_state_dict_file  # noqa: E402
+from vitsparse_jax import checkpoint, models  # noqa: E402
+from vitsparse_jax.checkpoint import CheckpointError  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+REL_TOL = 1e-5
+
+
+def rel_err(out, ref) -> float:
+    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+    return float(np.abs(out - ref).max() / np.abs(ref).max())
+
+
+def timm_logits(tm, x_nchw: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return tm(torch.from_numpy(x_nchw)).numpy()
+
+
+def flax_logits(module, variables, x_nchw: np.ndarray) -> np.ndarray:
+    return np.asarray(jax.jit(module.apply)(variables, jnp.asarray(x_nchw.transpose(0, 2, 3, 1)))[0])
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """vit_tiny_patch16_224 with random timm weights (fused attention off) and a batch of inputs."""
+    torch.manual_seed(0)
+    tm = timm.create_model("vit_tiny_patch16_224", pretrained=False).eval()
+    for blk in tm.blocks:
+        blk.attn.fused_attn = False
+    x = np.random.default_rng(0).standard_normal((2, 3, 224, 224)).astype(np.float32)
+    return tm, x, timm_logits(tm, x)
+
+
+@pytest.fixture(scope="module")
+def pico_ckpt(tmp_path_factory):
+    """An untrained vit_pico_patch4_32 checkpoint (module, variables, path)."""
+    module = models.create_model("vit_pico_patch4_32", depth=2)
+    variables = models.init_untrained(module, seed=0)
+    cfg = dict(models.model_info(module).default_cfg)
+    path = checkpoint.save(tmp_path_factory.mktemp("pico"), "vit_pico_patch4_32", "untrained", variables, cfg,
+                           "untrained (seed 0)")
+    return module, variables, path
+
+
+def test_live_module_round_trip(tiny, tmp_path):
+    tm, x, ref = tiny
+    variables, cfg = convert_timm_module(tm)
+    assert cfg["num_classes"] == 1000 and cfg["tag"] == "augreg_in21k_ft_in1k"
+    assert tuple(cfg["input_size"]) == (3, 224, 224) and cfg["crop_pct"] == 0.9 and cfg["mean"] == [0.5] * 3
+    path = checkpoint.save(tmp_path, "vit_tiny_patch16_224", cfg["tag"], variables, cfg, "live timm module")
+    assert path == tmp_path / "vit_tiny_patch16_224.augreg_in21k_ft_in1k.safetensors"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.with_suffix(".json").name, path.name]   # no temp files
+    meta = json.loads(path.with_suffix(".json").read_text())
+    assert meta["model"] == "vit_tiny_patch16_224" and meta["tag"] == cfg["tag"] and meta["format_version"] == 1
+    assert meta["source"] == "live timm module" and {"jax", "flax", "torch", "timm"} <= set(meta["versions"])
+    assert set(meta["pretrained_cfg"]) >= {"input_size", "crop_pct", "interpolation", "mean", "std", "num_classes"}
+
+    module = models.create_model("vit_tiny_patch16_224")
+    for p in (path, path.with_suffix(".json")):   # either file names the checkpoint
+        loaded, meta2 = checkpoint.load(p, module)
+        assert meta2 == meta
+        assert rel_err(flax_logits(module, loaded, x), ref) <= REL_TOL
+    direct = flax_logits(module, variables, x)
+    np.testing.assert_array_equal(flax_logits(module, loaded, x), direct)
+
+
+def test_pth_file_via_cli(tiny, tmp_path):
+    tm, x, ref = tiny
+    pth = tmp_path / "weights.pth"
+    torch.save({"model": tm.state_dict(), "epoch": 3}, pth)   # a training checkpoint: unwrapped by 'model'
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-m", "checkpoints_convert", "--model", "vit_tiny_patch16_224.mine",
+                           "--from-file", str(pth), "--out", str(out)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    path = out / "vit_tiny_patch16_224.mine.safetensors"
+    module = models.create_model("vit_tiny_patch16_224")
+    variables, meta = checkpoint.load(path, module)
+    assert meta["tag"] == "mine" and meta["source"].startswith("file:")
+    assert rel_err(flax_logits(module, variables, x), ref) <= REL_TOL
+
+
+def test_safetensors_file_headless(tmp_path):
+    """A DINO-like headless checkpoint in a local .safetensors; the tag's timm cfg says num_classes=0."""
+    import safetensors.torch
+
+    torch.manual_seed(1)
+    tm = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0).eval()
+    for blk in tm.blocks:
+        blk.attn.fused_attn = False
+    src = tmp_path / "dino.safetensors"
+    safetensors.torch.save_file(tm.state_dict(), str(src))
+    path = convert("vit_small_patch16_224.dino", tmp_path / "out", from_file=src)
+    meta = checkpoint.read_meta(path)
+    assert meta["pretrained_cfg"]["num_classes"] == 0 and meta["pretrained_cfg"]["mean"] == [0.485, 0.456, 0.406]
+    module = models.create_model("vit_small_patch16_224", num_classes=0)
+    variables, _ = checkpoint.load(path, module)
+    x = np.random.default_rng(2).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    assert rel_err(flax_logits(module, variables, x), timm_logits(tm, x)) <= REL_TOL
+
+
+def test_load_state_dict_file_unwraps(tmp_path):
+    sd = {"a.weight": torch.ones(2, 3, dtype=torch.bfloat16), "bn.num_batches_tracked": torch.tensor(5)}
+    torch.save({"state_dict": sd}, tmp_path / "w.bin")
+    out = load_state_dict_file(tmp_path / "w.bin")
+    assert list(out) == ["a.weight"] and out["a.weight"].dtype == np.float32
+    (tmp_path / "w.txt").write_text("x")
+    with pytest.raises(ValueError, match=".safetensors"):
+        load_state_dict_file(tmp_path / "w.txt")
+
+
+# --- strict checks -------------------------------------------------------------------------------------------
+
+def pico_state_dict():
+    torch.manual_seed(0)
+    tm = timm.models.vision_transformer.VisionTransformer(img_size=32, patch_size=4, embed_dim=64, depth=2,
+                                                          num_heads=4, mlp_ratio=2.0, num_classes=10)
+    return {k: v.numpy() for k, v in tm.state_dict().items()}
+
+
+def test_convert_state_dict_errors_name_key_and_model():
+    module = models.create_model("vit_pico_patch4_32", depth=2)
+    sd = pico_state_dict()
+    assert set(convert_state_dict(sd, module)) == set(checkpoint.flatten(models.variable_shapes(module)))
+
+    missing = {k: v for k, v in sd.items() if k != "blocks.1.attn.qkv.weight"}
+    with pytest.raises(CheckpointError, match=r"vit_pico_patch4_32.*blocks\.1\.attn\.qkv\.weight.*missing"):
+        convert_state_dict(missing, module)
+    with pytest.raises(CheckpointError, match=r"vit_pico_patch4_32.*'blocks\.0\.attn\.extra'"):
+        convert_state_dict({**sd, "blocks.0.attn.extra": np.zeros(3, np.float32)}, module)
+    wrong = {**sd, "pos_embed": np.zeros((1, 64, 64), np.float32)}
+    with pytest.raises(CheckpointError, match=r"vit_pico_patch4_32.*'pos_embed'.*params/pos_embed"):
+        convert_state_dict(wrong, module)
+
+
+def test_load_errors_name_parameter_and_model(pico_ckpt, tmp_path):
+    module, variables, path = pico_ckpt
+    flat = checkpoint.flatten(variables)
+    cfg = checkpoint.read_meta(path)["pretrained_cfg"]
+    loaded, _ = checkpoint.load(path, module)
+    for k, v in checkpoint.flatten(loaded).items():
+        np.testing.assert_array_equal(np.asarray(v), np.asarray(flat[k]))
+
+    def saved(tensors, tag):
+        return checkpoint.save(tmp_path, "vit_pico_patch4_32", tag, tensors, cfg, "test")
+
+    key = "params/blocks_1/mlp/fc2/kernel"
+    with pytest.raises(CheckpointError, match=f"vit_pico_patch4_32.*{key}.*missing"):
+        checkpoint.load(saved({k: v for k, v in flat.items() if k != key}, "missing"), module)
+    with pytest.raises(CheckpointError, match="vit_pico_patch4_32.*unexpected parameter 'params/extra'"):
+        checkpoint.load(saved({**flat, "params/extra": np.zeros(2, np.float32)}, "unexpected"), module)
+    with pytest.raises(CheckpointError, match=f"vit_pico_patch4_32.*{key}.*shape"):
+        checkpoint.load(saved({**flat, key: np.zeros((3, 3), np.float32)}, "shape"), module)
+    with pytest.raises(CheckpointError, match="wrong checkpoint.*vit_pico_patch4_32.*vit_tiny_patch16_224"):
+        checkpoint.load(path, models.create_model("vit_tiny_patch16_224"))
+    with pytest.raises(CheckpointError, match="num_classes"):
+        checkpoint.load(path, models.create_model("vit_pico_patch4_32", depth=2, num_classes=0))
+    with pytest.raises(CheckpointError, match=r"\.json is missing"):
+        checkpoint.load(tmp_path / "nothing.safetensors", module)
+
+
+def test_loading_needs_no_torch(pico_ckpt, tmp_path):
+    """Loading runs with torch and timm made unimportable; vitsparse_jax.checkpoint never imports them."""
+    module, variables, path = pico_ckpt
+    expected = np.asarray(module.apply(variables, jnp.ones((1, 32, 32, 3)))[0])
+    code = textwrap.dedent(f"""
+        import sys
+        sys.modules["torch"] = None   # any `import torch` now raises ImportError
+        sys.modules["timm"] = None
+        import jax.numpy as jnp, numpy as np
+        from vitsparse_jax import checkpoint, models
+        module = models.create_model("vit_pico_patch4_32", depth=2)
+        variables, meta = checkpoint.load({str(path)!r}, module)
+        np.save({str(tmp_path / "out.npy")!r}, np.asarray(module.apply(variables, jnp.ones((1, 32, 32, 3)))[0]))
+        assert sys.modules["torch"] is None and sys.modules["timm"] is None
+    """)
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr.decode()
+    np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), expected)
+
+
+def test_hub_names():
+    repo = checkpoints_convert.hub_repo_id("vit_base_patch16_224", "augreg_in21k")
+    assert repo == "timm/vit_base_patch16_224.augreg_in21k"
+    cfg = checkpoints_convert.resolve_cfg("vit_base_patch16_224", "augreg_in21k", {
+        "architecture": "vit_base_patch16_224", "num_classes": 21843,
+        "pretrained_cfg": {"tag": "augreg_in21k", "input_size": [3, 224, 224], "crop_pct": 0.9,
+                           "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.5] * 3, "num_classes": 21843,
+                           "first_conv": "patch_embed.proj"}})
+    assert cfg == {"tag": "augreg_in21k", "input_size": [3, 224, 224], "crop_pct": 0.9, "interpolation": "bicubic",
+                   "mean": [0.5] * 3, "std": [0.5] * 3, "num_classes": 21843}
+    module = checkpoints_convert.build_module("vit_base_patch16_224", cfg)
+    assert models.model_info(module).num_classes == 21843
