@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -21,6 +20,7 @@ import safetensors
 import safetensors.numpy
 
 import vitsparse_jax
+from vitsparse_jax.workdir import atomic_write_bytes
 
 FORMAT_VERSION = 1
 SEP = "/"
@@ -48,17 +48,6 @@ def paths_for(path: str | os.PathLike) -> tuple[Path, Path]:
         raise CheckpointError(f"{path}: a converted checkpoint is a .safetensors file with a .json next to it")
     return path.with_suffix(".safetensors"), path.with_suffix(".json")
 
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _versions() -> dict[str, str]:
@@ -90,8 +79,8 @@ def save(out_dir: str | os.PathLike, arch: str, tag: str, variables: Mapping[str
     tensors = {k: np.ascontiguousarray(np.asarray(v)) for k, v in flatten(variables).items()}
     meta = {"model": arch, "tag": tag, "pretrained_cfg": _jsonable(dict(pretrained_cfg)), "source": source,
             "format_version": FORMAT_VERSION, "versions": _versions()}
-    _atomic_write(weights, safetensors.numpy.save(tensors, metadata={"model": arch, "tag": tag}))
-    _atomic_write(meta_path, (json.dumps(meta, indent=2) + "\n").encode())   # written last: marks complete
+    atomic_write_bytes(weights, safetensors.numpy.save(tensors, metadata={"model": arch, "tag": tag}))
+    atomic_write_bytes(meta_path, (json.dumps(meta, indent=2) + "\n").encode())   # written last: marks complete
     return weights
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import importlib
 import logging
 
-from absl import app, flags
+from absl import app
 from ml_collections import config_flags
 
 from vitsparse_jax.workdir import Workdir

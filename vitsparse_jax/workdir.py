@@ -18,6 +18,8 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 RESUME_FILE = "resume_state.npz"
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 PACKAGES = ("vitsparse_jax", "jax", "jaxlib", "flax", "optax", "numpy", "ml_collections",
             "tensorflow_datasets", "pillow", "safetensors", "matplotlib")
 
@@ -27,6 +29,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; results are for everyone to read
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

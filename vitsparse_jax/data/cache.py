@@ -13,10 +13,11 @@ import io
 import json
 import os
 import re
-import tempfile
 from typing import Any
 
 import numpy as np
+
+from vitsparse_jax.workdir import atomic_write_bytes
 
 CACHE_FORMAT = 1
 
@@ -30,7 +31,7 @@ class CropCache:
         os.makedirs(self.dir, exist_ok=True)
         meta_path = os.path.join(self.dir, "meta.json")
         if not os.path.exists(meta_path):
-            _atomic_write(meta_path, json.dumps(meta, indent=1, sort_keys=True).encode())
+            atomic_write_bytes(meta_path, json.dumps(meta, indent=1, sort_keys=True).encode())
 
     def _path(self, key: str) -> str:
         digest = hashlib.sha1(key.encode()).hexdigest()
@@ -56,9 +57,9 @@ class CropCache:
         path = self._path(key)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         if isinstance(value, str):
-            _atomic_write(path + ".skip", value.encode("utf-8"))
+            atomic_write_bytes(path + ".skip", value.encode("utf-8"))
         else:
-            _atomic_write(path + ".npy", _npy_bytes(np.ascontiguousarray(value, dtype=np.uint8)))
+            atomic_write_bytes(path + ".npy", _npy_bytes(np.ascontiguousarray(value, dtype=np.uint8)))
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -66,14 +67,3 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     np.save(buf, array, allow_pickle=False)
     return buf.getvalue()
 
-
-def _atomic_write(path: str, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
