@@ -1,0 +1,261 @@
+"""The sparsity experiment end to end: outputs, numbers against NumPy on captured maps, invariances, errors."""
+import dataclasses
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from configs import sparsity as sparsity_config
+from vitsparse_jax import data, loading, main, parallel, resumable, sparsity
+from vitsparse_jax.workdir import Workdir
+
+IMAGES = 12
+ATTENTION_FIGURES = ("fig1_example_attention", "fig2a_corr_heads", "fig2b_corr_layers", "fig3a_nu_density_last",
+                     "fig3b_top_patches", "figS1_all_heads", "figS4_nu_density_blocks", "top_share")
+
+
+def tiny_config(preset=None, images=IMAGES, **sparsity_overrides):
+    config = sparsity_config.get_config(preset)
+    config.weights = "untrained"
+    config.progress = False
+    config.data.batch_size = 8             # 4 fake devices (conftest); the last batch of 12 is padded
+    config.data.num_images = images        # the first images of the digits' test split
+    config.sparsity.update(sparsity_overrides)
+    return config
+
+
+def digits(images=IMAGES):
+    return data.subset(data.DigitsSource("test"), num_images=images)
+
+
+@pytest.fixture(scope="module")
+def vit():
+    return loading.load_model(sparsity_config.get_config().model, "untrained", seed=0)
+
+
+@pytest.fixture(scope="module")
+def vgg():
+    return loading.load_model(sparsity_config.get_config("vgg").model, "untrained", seed=0)
+
+
+@pytest.fixture(scope="module")
+def vit_run(tmp_path_factory):
+    config = tiny_config()
+    config.workdir = str(tmp_path_factory.mktemp("vit_run"))
+    return config, main.run(config)
+
+
+def captured_maps(loaded, images=IMAGES):
+    """Post-softmax maps of every block for the first images, straight from the model (numpy, float64)."""
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    batch = parallel.to_host(next(iter(data.batches(digits(images), loaded.pretrained_cfg, images, mesh))))
+    names = tuple(s.removesuffix(".attn") for s in loaded.info.ablation_sites)
+    _, aux = loaded.module.apply(loaded.variables, data.normalize(batch["image"], loaded.pretrained_cfg),
+                                 capture=tuple(f"{n}.attn.probs" for n in names))
+    return [np.asarray(aux[f"{n}.attn.probs"], np.float64) for n in names]
+
+
+def test_run_writes_every_figure_table_and_the_report(vit_run):
+    config, summary = vit_run
+    wd = Workdir(config.workdir)
+    for stem in ATTENTION_FIGURES:
+        for ext in ("png", "pdf"):
+            assert wd.path(f"{stem}.{ext}").stat().st_size > 1000, f"{stem}.{ext}"
+    for name in ("blocks.csv", "corr_heads.csv", "corr_layers.csv", "nu_density.csv", "top_patches.csv",
+                 "config.json", "versions.json"):
+        assert wd.path(name).exists(), name
+    results = wd.read_json("results.json")
+    assert results["images"] == IMAGES and results["images_skipped"] == 0
+    assert results["model"]["model"] == "vit_pico_patch4_32" and results["model"]["weights"].startswith("untrained")
+    assert results["config"]["sparsity"]["top_by"] == "head_mean" and "jax" in results["versions"]
+    assert results["figures"] == list(ATTENTION_FIGURES)
+    report = wd.path("report.md").read_text()
+    positions = [report.index(f"]({stem}.png)") for stem in ATTENTION_FIGURES]
+    assert positions == sorted(positions)
+    assert "## Blocks" in report and "Layer-by-layer r" in report
+    assert summary["statistics"]["corr_layers"].shape == (6, 6)
+
+
+def test_the_default_config_runs_on_the_builtin_checkpoint(tmp_path):
+    config = sparsity_config.get_config()
+    config.update({"workdir": str(tmp_path), "progress": False})
+    config.data.num_images = 8
+    summary = main.run(config)
+    assert summary["name"] == "vit_pico_patch4_32.digits" and summary["images"] == 8
+    assert summary["model"]["weights"].endswith("vit_pico_patch4_32.digits.safetensors")
+    assert all((tmp_path / f"{stem}.png").exists() for stem in ATTENTION_FIGURES)
+
+
+def test_run_statistics_equal_numpy_on_the_captured_maps(vit_run, vit):
+    config, summary = vit_run
+    stats = summary["statistics"]
+    maps = captured_maps(vit)
+    mu = np.stack([m.mean(axis=(1, 2)) for m in maps], 1)[:, :, 1:]     # (images, blocks, patches)
+    np.testing.assert_allclose(stats["mean_mu"], mu.mean(axis=(0, 2)), rtol=1e-5)
+    np.testing.assert_allclose(stats["mean_nu"], (-np.log10(mu)).mean(axis=(0, 2)), rtol=1e-5)
+    np.testing.assert_allclose(stats["std_nu"], (-np.log10(mu)).std(axis=(0, 2)), rtol=1e-3)
+    np.testing.assert_allclose(stats["corr_layers"], np.corrcoef(mu.transpose(1, 0, 2).reshape(6, -1)), atol=1e-4)
+    mu_h = maps[-1].mean(axis=2)[:, :, 1:]
+    np.testing.assert_allclose(stats["corr_heads"], np.corrcoef(mu_h.transpose(1, 0, 2).reshape(4, -1)), atol=1e-4)
+    k = round(0.05 * 64)
+    counts = np.zeros(64)
+    for row in mu[:, -1]:
+        counts[np.argsort(-row, kind="stable")[:k]] += 1
+    np.testing.assert_array_equal(stats["top_counts"], counts)
+    hist = np.histogram(-np.log10(mu[:, -1]), bins=160, range=(0.0, 8.0))[0]
+    np.testing.assert_array_equal(stats["nu_hist"][-1, 1:-1], hist)
+
+
+def test_example_maps_are_the_captured_maps(vit):
+    cfg = tiny_config(head=2, s1_block=-3, example_index=5).sparsity
+    probe = sparsity.make_probe(vit, cfg)
+    choice = sparsity.example_choice(probe, digits(), cfg)
+    assert (choice.image, choice.head, choice.block) == (5, 2, 3)
+    ex = sparsity.example(vit, probe, digits(), parallel.make_mesh(), choice)
+    maps = captured_maps(vit)
+    np.testing.assert_allclose(ex.head_map, maps[-1][5, 2], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(ex.heads, maps[3][5], rtol=1e-5, atol=1e-7)
+    top = np.argsort(-maps[-1][5, 2].mean(axis=0)[1:], kind="stable")[:3]
+    assert ex.top_cells == [divmod(int(j), 8) for j in top]
+
+
+def assert_same_statistics(got: dict, want: dict) -> None:
+    for key in ("nu_hist", "top_counts", "images"):
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    for key in ("mean_mu", "mean_nu", "std_nu", "mean_prefix_mu", "top_share", "corr_layers", "corr_heads"):
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+def test_numbers_do_not_depend_on_batch_size_or_device_count(vit_run, vit, tmp_path):
+    config, summary = vit_run
+    config = tiny_config()
+    config.data.batch_size = 4
+    one_device = parallel.make_mesh(jax.devices()[:1])
+    got = sparsity.measure(config, Workdir(tmp_path), vit, digits(), one_device, outputs=False)
+    assert_same_statistics(got["statistics"], summary["statistics"])
+
+
+def test_an_interrupted_run_resumes_to_the_same_numbers(vit_run, vit, tmp_path):
+    _, summary = vit_run
+    config = tiny_config()
+    mesh = parallel.make_mesh()
+    with pytest.raises(resumable.Interrupted):
+        sparsity.measure(config, Workdir(tmp_path), vit, digits(), mesh, outputs=False, stop_after_batches=1)
+    assert Workdir(tmp_path).load_state()[1]["next_index"] == 8
+    got = sparsity.measure(config, Workdir(tmp_path), vit, digits(), mesh, outputs=False)
+    assert_same_statistics(got["statistics"], summary["statistics"])
+
+
+def test_top_by_head_index_ranks_that_head(vit):
+    probe = sparsity.make_probe(vit, tiny_config(top_by="head_index", top_head=1).sparsity)
+    assert probe.layout.top_head == 1 and probe.layout.top_k == 3
+    assert sparsity.make_probe(vit, tiny_config().sparsity).layout.top_head is None
+
+
+def small_model(arch, **overrides):
+    """An untrained 32 px, 10-class variant of a registered arch (its pretrained_cfg made to match)."""
+    loaded = loading.load_model(arch, "untrained", seed=0, num_classes=10, **overrides)
+    cfg = {**loaded.pretrained_cfg, "input_size": (3, 32, 32), "crop_pct": 1.0, "num_classes": 10}
+    return dataclasses.replace(loaded, pretrained_cfg=cfg)
+
+
+def test_swin_blocks_use_window_attention_mapped_to_tokens(tmp_path):
+    loaded = small_model("swin_tiny_patch4_window7_224", img_size=32, embed_dim=16, depths=(2, 1),
+                         num_heads=(2, 4), window_size=(4, 4))
+    config = tiny_config(images=8)
+    summary = sparsity.measure(config, Workdir(tmp_path), loaded, digits(8), parallel.make_mesh())
+    stats, layout = summary["statistics"], summary["layout"]
+    assert summary["layers"] == ["layers.0.blocks.0", "layers.0.blocks.1", "layers.1.blocks.0"]   # .0.1 shifted
+    assert layout["grids"] == ((8, 8), (8, 8), (4, 4)) and layout["correlation_grid"] == (4, 4)
+    # every window's columns sum to 1, so a token's mean mu is 1 / (tokens per window) = 1/16
+    np.testing.assert_allclose(stats["mean_mu"], 1 / 16, rtol=1e-5)
+    assert stats["corr_layers"].shape == (3, 3) and stats["corr_heads"].shape == (4, 4)
+    assert stats["top_distribution"].shape == (4, 4) and stats["top_counts"].sum() == 8 * 1   # k = round(.05*16)
+    for stem in ATTENTION_FIGURES:
+        assert (tmp_path / f"{stem}.png").exists() and (tmp_path / f"{stem}.pdf").exists()
+
+
+def test_distilled_deit_leaves_out_class_and_distillation_columns(tmp_path):
+    loaded = small_model("deit_tiny_distilled_patch16_224", img_size=32, patch_size=4, embed_dim=16, depth=2,
+                         num_heads=2)
+    summary = sparsity.measure(tiny_config(images=4), Workdir(tmp_path), loaded, digits(4),
+                               parallel.make_mesh(), outputs=False)
+    stats = summary["statistics"]
+    assert loaded.info.num_prefix_tokens == 2 and stats["top_distribution"].shape == (8, 8)
+    # mu sums to 1 over all columns: the 64 patch columns + the two prefix columns
+    np.testing.assert_allclose(stats["mean_mu"] * 64 + stats["mean_prefix_mu"], 1.0, rtol=1e-5)
+    maps = captured_maps(loaded, images=4)
+    prefix = np.stack([m.mean(axis=(1, 2))[:, :2].sum(-1).mean() for m in maps])
+    np.testing.assert_allclose(stats["mean_prefix_mu"], prefix, rtol=1e-5)
+
+
+def test_cnn_statistics_are_written_and_equal_numpy_on_the_captured_maps(vgg, tmp_path):
+    summary = sparsity.measure(tiny_config("vgg"), Workdir(tmp_path), vgg, digits(), parallel.make_mesh())
+    assert summary["kind"] == "cnn" and summary["layers"] == ["features.1", "features.4", "features.7", "features.9"]
+    for stem in ("cnn_channel_density", "top_share"):
+        assert (tmp_path / f"{stem}.png").exists() and (tmp_path / f"{stem}.pdf").exists()
+    assert (tmp_path / "layers.csv").exists() and json.loads((tmp_path / "results.json").read_text())["images"] == 12
+    assert "![top_share](top_share.png)" in (tmp_path / "report.md").read_text()
+
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    batch = parallel.to_host(next(iter(data.batches(digits(), vgg.pretrained_cfg, IMAGES, mesh))))
+    _, aux = vgg.module.apply(vgg.variables, data.normalize(batch["image"], vgg.pretrained_cfg),
+                              capture=tuple(summary["layers"]))
+    stats = summary["statistics"]
+    for l, name in enumerate(summary["layers"]):
+        score = np.abs(np.asarray(aux[name], np.float64)).sum(axis=(1, 2))
+        np.testing.assert_allclose(stats["mean_l1"][l], score.mean(), rtol=1e-5)
+        ordered = -np.sort(-score, axis=-1)
+        k = round(0.05 * score.shape[1])
+        np.testing.assert_allclose(stats["top_share"][l, 0], (ordered[:, :k].sum(1) / ordered.sum(1)).mean(),
+                                   rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Errors
+
+def test_attention_statistics_of_a_cnn_are_a_clear_error(vgg):
+    with pytest.raises(ValueError, match="no attention maps"):
+        sparsity.make_probe(vgg, tiny_config(kind="attention").sparsity)
+    assert sparsity.make_probe(vgg, tiny_config().sparsity).kind == "cnn"   # 'auto' picks channels
+
+
+def test_cnn_statistics_of_a_transformer_are_a_clear_error(vit):
+    with pytest.raises(ValueError, match="needs a VGG or ResNet"):
+        sparsity.make_probe(vit, tiny_config(kind="cnn").sparsity)
+    with pytest.raises(ValueError, match="sparsity.kind must be one of"):
+        sparsity.make_probe(vit, tiny_config(kind="heads").sparsity)
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("s1_block", 6, "s1_block"), ("s1_block", -7, "s1_block"), ("head", 4, "sparsity.head"),
+    ("example_index", IMAGES, "example_index")])
+def test_indices_out_of_range_are_clear_errors(vit, option, value, message):
+    cfg = tiny_config(**{option: value}).sparsity
+    with pytest.raises(ValueError, match=f"{message}.*out of range"):
+        sparsity.example_choice(sparsity.make_probe(vit, cfg), digits(), cfg)
+
+
+def test_bad_switches_are_clear_errors(vit):
+    with pytest.raises(ValueError, match="top_by"):
+        sparsity.make_probe(vit, tiny_config(top_by="head_max").sparsity)
+    with pytest.raises(ValueError, match="top_head.*out of range"):
+        sparsity.make_probe(vit, tiny_config(top_by="head_index", top_head=9).sparsity)
+    with pytest.raises(ValueError, match="nu_min < nu_max"):
+        sparsity.make_probe(vit, tiny_config(nu_min=3.0, nu_max=1.0).sparsity)
+
+
+def test_an_empty_dataset_is_a_clear_error():
+    with pytest.raises(ValueError, match="is empty"):
+        sparsity.check_not_empty(data.Subset(data.DigitsSource("test"), []))
+
+
+def test_a_dataset_of_unreadable_images_is_a_clear_error(vit, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(2):
+        (folder / f"broken{i}.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="none of the 2 images"):
+        source = data.make_eval_source({"source": "images", "folder": str(folder)})
+        sparsity.measure(tiny_config(), Workdir(tmp_path / "run"), vit, source, parallel.make_mesh())

@@ -1,0 +1,281 @@
+"""Every sparsity statistic against a direct NumPy computation on small random tensors."""
+import jax
+import numpy as np
+import pytest
+
+from vitsparse_jax import sparsity_stats as st
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def random_maps(rng, images=5, heads=3, tokens=10, scale=3.0, noise=1.0) -> np.ndarray:
+    """Post-softmax maps (B, H, N, N) with a few bright columns, float32 (small scale and noise: nearly
+    uniform maps, like an untrained model's)."""
+    bright = rng.normal(size=(images, 1, 1, tokens)) * scale
+    return softmax(noise * rng.normal(size=(images, heads, tokens, tokens)) + bright).astype(np.float32)
+
+
+def test_column_means_average_heads_and_all_query_rows(rng):
+    probs = random_maps(rng)
+    mu, mu_h = st.attention_column_means(probs)
+    np.testing.assert_allclose(mu_h, probs.mean(axis=2), rtol=1e-6)
+    np.testing.assert_allclose(mu, probs.sum(axis=(1, 2)) / (probs.shape[1] * probs.shape[2]), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(mu).sum(-1), 1.0, rtol=1e-5)   # SPEC: sum_j mu_j = 1
+
+
+def test_window_column_means_map_window_columns_back_to_tokens(rng):
+    b, nw, heads, t = 2, 4, 3, 5
+    probs = softmax(rng.normal(size=(b, nw, heads, t, t))).astype(np.float32)
+    token_index = rng.permutation(nw * t).reshape(nw, t)
+    mu, mu_h = st.window_column_means(probs, token_index)
+    want_h = np.zeros((b, heads, nw * t))
+    for w in range(nw):
+        for col in range(t):
+            want_h[:, :, token_index[w, col]] = probs[:, w, :, :, col].mean(axis=-1)
+    np.testing.assert_allclose(mu_h, want_h, rtol=1e-5)
+    np.testing.assert_allclose(mu, want_h.mean(axis=1), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(mu).sum(-1), nw, rtol=1e-5)    # each window's columns sum to 1
+
+
+def test_window_column_means_on_a_shifted_swin_block(rng):
+    swin = pytest.importorskip("vitsparse_jax.models.swin")
+    module = swin.build("swin_tiny_patch4_window7_224", img_size=32, depths=(2,), num_heads=(2,),
+                        window_size=(4,), embed_dim=8)
+    index = swin.window_token_index(module, 0, 1)    # a shifted block: windows straddle the roll
+    assert sorted(index.reshape(-1)) == list(range(64))
+    probs = softmax(rng.normal(size=(1, *index.shape, index.shape[1]))[:, :, None]).astype(np.float32)
+    mu, _ = st.window_column_means(probs, index)
+    for w, cols in enumerate(index):
+        np.testing.assert_allclose(np.asarray(mu)[0, cols], probs[0, w, 0].mean(axis=0), rtol=1e-5)
+
+
+def test_histogram_matches_numpy_and_counts_out_of_range(rng):
+    values = rng.uniform(-1, 5, size=(6, 40)).astype(np.float32)
+    weights = np.array([1, 1, 0, 1, 1, 1], np.float32)   # image 2 is padding
+    counts = np.asarray(st.histogram(values, weights, 0.0, 4.0, 16))
+    kept = values[weights > 0]
+    inner, _ = np.histogram(kept, bins=16, range=(0.0, 4.0))
+    inner[-1] -= np.sum(kept == 4.0)                     # numpy's last bin is closed; ours is [lo, hi)
+    np.testing.assert_array_equal(counts[1:-1], inner)
+    assert counts[0] == np.sum(kept < 0) and counts[-1] == np.sum(kept >= 4.0)
+    assert counts.sum() == kept.size
+
+
+def test_density_integrates_to_the_in_range_fraction():
+    counts = np.array([1, 2, 3, 4, 0])                   # 1 below, 7 inside, 0 above
+    dens = st.density(counts, 0.0, 3.0)
+    np.testing.assert_allclose(dens, np.array([2, 3, 4]) / 10.0)
+    np.testing.assert_allclose(dens.sum() * 1.0, 0.9)
+
+
+def test_nu_moments_skip_zero_mu(rng):
+    mu = rng.uniform(0, 0.1, size=(4, 9)).astype(np.float32)
+    mu[1, 3] = 0.0
+    weights = np.array([1, 1, 1, 0], np.float32)
+    m = st.nu_moments(mu, weights)
+    kept = mu[:3][mu[:3] > 0].astype(np.float64)
+    nu = -np.log10(kept)
+    assert float(m["n"]) == kept.size and float(m["zeros"]) == 1
+    np.testing.assert_allclose(float(m["mean"][0]) + float(m["mean_err"][0]), nu.mean(), rtol=1e-6)
+    np.testing.assert_allclose(float(m["cm"][0, 0]), ((nu - nu.mean()) ** 2).sum(), rtol=1e-4)
+    assert float(st.nu_of(np.float32(0.0))) == pytest.approx(-np.log10(st.TINY))
+
+
+def moments_in_batches(x: np.ndarray, weights: np.ndarray, batch: int) -> dict:
+    acc = {"m_n": np.zeros(()), "m_mean": np.zeros(x.shape[-1]), "m_cm": np.zeros((x.shape[-1],) * 2)}
+    for start in range(0, x.shape[0], batch):
+        sums = st.moment_sums(x[start:start + batch], weights[start:start + batch])
+        st.accumulate(acc, {f"m_{k}": v for k, v in sums.items()})
+    return acc
+
+
+@pytest.mark.parametrize("spread", [1.0, 1e-4])   # 1e-4: nearly uniform attention (an untrained model)
+@pytest.mark.parametrize("batch", [1, 3, 7])
+def test_pooled_pearson_equals_corrcoef_on_stacked_values(rng, spread, batch):
+    x = (1 / 50 + spread / 50 * rng.normal(size=(7, 50, 4))).astype(np.float32)
+    x[..., 1] += 0.5 * x[..., 0] + 3 / 50 * rng.integers(0, 2, size=(7, 1))   # means differ between batches
+    weights = np.array([1, 1, 1, 1, 1, 0, 1], np.float32)
+    acc = moments_in_batches(x, weights, batch)
+    r = st.pearson(acc["m_n"], acc["m_cm"])
+    stacked = x[weights > 0].reshape(-1, 4).astype(np.float64)   # all (image, unit) rows pooled
+    assert acc["m_n"] == stacked.shape[0]
+    np.testing.assert_allclose(acc["m_mean"], stacked.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(r, np.corrcoef(stacked.T), atol=1e-5)
+
+
+def test_pearson_of_a_constant_variable_is_nan():
+    x = np.ones((2, 5, 2), np.float32)
+    x[..., 1] = np.arange(5)
+    sums = st.moment_sums(x, np.ones(2, np.float32))
+    r = st.pearson(sums["n"], sums["cm"])
+    assert np.isnan(r[0, 0]) and np.isnan(r[0, 1]) and r[1, 1] == 1.0
+
+
+def test_top_k_counts_match_argsort(rng):
+    scores = rng.normal(size=(8, 20)).astype(np.float32)
+    weights = np.array([1] * 6 + [0] * 2, np.float32)
+    counts = np.asarray(st.top_k_counts(scores, weights, 3))
+    want = np.zeros(20, int)
+    for row in scores[:6]:
+        want[np.argsort(-row, kind="stable")[:3]] += 1
+    np.testing.assert_array_equal(counts, want)
+
+
+def test_top_share_sums_match_numpy(rng):
+    scores = rng.exponential(size=(5, 30)).astype(np.float32)
+    scores[2] = 0.0                                   # a dead layer: no share, not counted
+    weights = np.array([1, 1, 1, 1, 0], np.float32)
+    sums, n_ok = st.top_share_sums(scores, weights, (1, 3, 30))
+    ordered = -np.sort(-scores[[0, 1, 3]].astype(np.float64), axis=-1)
+    want = np.stack([ordered[:, :k].sum(-1) / ordered.sum(-1) for k in (1, 3, 30)], -1).sum(0)
+    np.testing.assert_allclose(sums, want, rtol=1e-5)
+    assert float(n_ok) == 3
+
+
+def test_num_top_rounds_like_the_spec_and_the_ablation():
+    assert [st.num_top(p, 196) for p in (0.05, 0.10, 0.20, 0.30)] == [10, 20, 39, 59]
+    assert [st.num_top(p, 49) for p in (0.05, 0.10, 0.20, 0.30)] == [2, 5, 10, 15]
+    assert st.num_top(0.1, 25) == 2 == round(2.5)
+    with pytest.raises(ValueError, match="in \\(0, 1\\]"):
+        st.num_top(0.0, 10)
+    with pytest.raises(ValueError, match="= 0 units"):
+        st.num_top(0.05, 4)
+
+
+def test_region_matrix_sum_pools_the_fine_grid(rng):
+    fine = rng.normal(size=(3, 8 * 8))
+    pooled = fine @ st.region_matrix((8, 8), (2, 2))
+    want = fine.reshape(3, 2, 4, 2, 4).sum(axis=(2, 4)).reshape(3, 4)
+    np.testing.assert_allclose(pooled, want)
+    np.testing.assert_array_equal(st.region_matrix((3, 3), (3, 3)), np.eye(9))
+
+
+def test_channel_l1_and_shares(rng):
+    act = np.maximum(rng.normal(size=(2, 4, 4, 6)), 0).astype(np.float32)
+    score = np.asarray(st.channel_l1(act))
+    np.testing.assert_allclose(score, np.abs(act).sum(axis=(1, 2)), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(st.shares(score)).sum(-1), 1.0, rtol=1e-6)
+    assert np.all(np.asarray(st.shares(np.zeros((1, 3), np.float32))) == 0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Whole-model statistics against NumPy, and their independence of the batch split
+
+def vit_layout(**kw) -> st.AttentionLayout:
+    base = dict(grids=((3, 3),) * 3, prefix=1, heads=2, corr_grid=(3, 3),
+                nu_range=(0.0, 4.0, 20), top_k=2, top_head=None, top_fractions=(0.2, 0.5))
+    base.update(kw)
+    return st.AttentionLayout(**base)
+
+
+def attention_totals(maps: list[np.ndarray], lay: st.AttentionLayout, batch: int) -> dict:
+    """Runs the per-batch sums over the images in batches of `batch` (last one padded) and adds them."""
+    fn = jax.jit(lambda m, w: st.attention_batch_sums(
+        [st.attention_column_means(x)[0] for x in m], st.attention_column_means(m[-1])[1], w, lay))
+    images = maps[0].shape[0]
+    acc = None
+    for start in range(0, images, batch):
+        part = [m[start:start + batch] for m in maps]
+        n = part[0].shape[0]
+        pad = [np.concatenate([x, np.repeat(x[:1], batch - n, axis=0)]) for x in part]   # junk padding
+        sums = jax.device_get(fn(pad, (np.arange(batch) < n).astype(np.float32)))
+        acc = st.accumulate(acc if acc is not None else st.zeros_like_sums(jax.eval_shape(lambda: sums)), sums)
+    return acc
+
+
+@pytest.mark.parametrize("noise", [1.0, 1e-3])
+def test_attention_statistics_match_numpy(rng, noise):
+    lay = vit_layout()
+    maps = [random_maps(rng, images=7, heads=2, tokens=10, scale=s * noise, noise=noise) for s in (0.5, 2.0, 4.0)]
+    res = st.attention_results(attention_totals(maps, lay, batch=3), lay)
+
+    mu = np.stack([m.astype(np.float64).mean(axis=(1, 2)) for m in maps], 1)     # (images, blocks, N)
+    patch = mu[:, :, 1:]
+    np.testing.assert_allclose(res["mean_mu"], patch.mean(axis=(0, 2)), rtol=1e-5)
+    np.testing.assert_allclose(res["mean_prefix_mu"], mu[:, :, 0].mean(0), rtol=1e-5)
+    np.testing.assert_allclose(res["nu_reference"], -np.log10(patch.mean(axis=(0, 2))), rtol=1e-5)
+    nu = -np.log10(patch)
+    np.testing.assert_allclose(res["mean_nu"], nu.mean(axis=(0, 2)), rtol=1e-5)
+    np.testing.assert_allclose(res["std_nu"], nu.std(axis=(0, 2)), rtol=1e-3)
+    for l in range(3):
+        inner, _ = np.histogram(nu[:, l], bins=20, range=(0.0, 4.0))
+        np.testing.assert_array_equal(res["nu_hist"][l, 1:-1], inner)
+    # layer-by-layer: one Pearson r over all (image, patch column) pairs
+    np.testing.assert_allclose(res["corr_layers"], np.corrcoef(patch.transpose(1, 0, 2).reshape(3, -1)), atol=1e-5)
+    mu_h = maps[-1].astype(np.float64).mean(axis=2)[:, :, 1:]                   # (images, heads, patches)
+    np.testing.assert_allclose(res["corr_heads"], np.corrcoef(mu_h.transpose(1, 0, 2).reshape(2, -1)), atol=1e-5)
+    counts = np.zeros(9)
+    for row in patch[:, -1]:
+        counts[np.argsort(-row, kind="stable")[:2]] += 1
+    np.testing.assert_array_equal(res["top_counts"], counts)
+    np.testing.assert_allclose(res["top_distribution"], (counts / counts.sum()).reshape(3, 3))
+    ordered = -np.sort(-patch, axis=-1)
+    share = np.stack([ordered[..., :k].sum(-1) / ordered.sum(-1) for k in (2, 4)], -1).mean(0)
+    np.testing.assert_allclose(res["top_share"], share, rtol=1e-5)   # k = round(1.8), round(4.5) = 2, 4
+
+
+def test_top_distribution_can_rank_one_head_like_the_published_code(rng):
+    lay = vit_layout(top_head=1)
+    maps = [random_maps(rng, images=6, heads=2, tokens=10) for _ in range(3)]
+    res = st.attention_results(attention_totals(maps, lay, batch=4), lay)
+    head1 = maps[-1].astype(np.float64).mean(axis=2)[:, 1, 1:]
+    counts = np.zeros(9)
+    for row in head1:
+        counts[np.argsort(-row, kind="stable")[:2]] += 1
+    np.testing.assert_array_equal(res["top_counts"], counts)
+
+
+@pytest.mark.parametrize("batch", [1, 4, 8])
+def test_attention_statistics_do_not_depend_on_batch_size(rng, batch):
+    lay = vit_layout()
+    maps = [random_maps(np.random.default_rng(1), images=8, heads=2, tokens=10, scale=s) for s in (1, 2, 3)]
+    ref = st.attention_results(attention_totals(maps, lay, batch=8), lay)
+    got = st.attention_results(attention_totals(maps, lay, batch=batch), lay)
+    for key in ("nu_hist", "top_counts", "images"):
+        np.testing.assert_array_equal(got[key], ref[key])
+    for key in ("mean_mu", "mean_nu", "std_nu", "corr_layers", "corr_heads", "top_share"):
+        np.testing.assert_allclose(got[key], ref[key], rtol=1e-5, atol=1e-6)
+
+
+def test_layer_correlation_pools_finer_grids_onto_the_coarsest(rng):
+    """Swin-like blocks on a 4x4 and a 2x2 grid: the 4x4 block's mu is summed onto 2x2 cells first."""
+    lay = vit_layout(grids=((4, 4), (2, 2)), prefix=0, corr_grid=(2, 2),
+                     top_fractions=(0.25,))
+    fine = rng.dirichlet(np.ones(16), size=6).astype(np.float32)
+    coarse = rng.dirichlet(np.ones(4), size=6).astype(np.float32)
+    w = np.ones(6, np.float32)
+    heads = np.stack([coarse, coarse ** 2], axis=1)
+    sums = jax.device_get(st.attention_batch_sums([fine, coarse], heads, w, lay))
+    r = st.pearson(sums["layers_n"], sums["layers_cm"])
+    pooled = fine.astype(np.float64).reshape(6, 2, 2, 2, 2).sum(axis=(2, 4)).reshape(-1)
+    np.testing.assert_allclose(r[0, 1], np.corrcoef(pooled, coarse.reshape(-1))[0, 1], atol=1e-5)
+
+
+def test_channel_statistics_match_numpy(rng):
+    acts = [np.maximum(rng.normal(size=(5, 4, 4, c)), 0).astype(np.float32) for c in (8, 20)]
+    acts[0][1, :, :, 3] = 0.0                         # one silent channel
+    lay = st.ChannelLayout(channels=(8, 20), nu_range=(0.0, 4.0, 16), top_fractions=(0.1, 0.5))
+    w = np.array([1, 1, 1, 1, 0], np.float32)
+    sums = jax.device_get(st.channel_batch_sums(acts, w, lay))
+    res = st.channel_results(st.accumulate(st.zeros_like_sums(jax.eval_shape(lambda: sums)), sums), lay)
+    assert res["images"] == 4
+    for l, act in enumerate(acts):
+        a = act[:4].astype(np.float64)
+        score = a.sum(axis=(1, 2))
+        share = score / score.sum(-1, keepdims=True)
+        np.testing.assert_allclose(res["mean_l1"][l], score.mean(), rtol=1e-5)
+        np.testing.assert_allclose(res["active_fraction"][l], (a > 0).mean(), rtol=1e-5)
+        pos = share[share > 0]
+        np.testing.assert_allclose(res["mean_nu"][l], (-np.log10(pos)).mean(), rtol=1e-5)
+        assert res["zero_channels"][l] == pytest.approx((share == 0).mean())
+        ordered = -np.sort(-score, axis=-1)
+        ks = [round(p * act.shape[-1]) for p in (0.1, 0.5)]
+        want = [(ordered[:, :k].sum(-1) / ordered.sum(-1)).mean() for k in ks]
+        np.testing.assert_allclose(res["top_share"][l], want, rtol=1e-5)
+        nu = -np.log10(np.maximum(share, st.TINY))
+        inner, _ = np.histogram(nu, bins=16, range=(0.0, 4.0))
+        np.testing.assert_array_equal(res["nu_hist"][l, 1:-1], inner)
+        assert res["nu_hist"][l, -1] == np.sum(nu >= 4.0)
