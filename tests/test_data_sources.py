@@ -90,8 +90,8 @@ def test_subsets(tmp_path):
     np.testing.assert_array_equal(both.indices, [0])
     with pytest.raises(ValueError, match="empty"):
         sources.subset(base, num_images=0)
-    alias = data.make_eval_source(data_config(source="folder", folder=str(tmp_path), max_images=2))
-    assert len(alias) == 2
+    first_two = data.make_eval_source(data_config(source="folder", folder=str(tmp_path), num_images=2))
+    assert len(first_two) == 2
     with pytest.raises(ValueError, match=r"unknown data config field\(s\) \['path'\]"):
         data.make_eval_source(data_config(source="folder", path=str(tmp_path)))
 

@@ -16,9 +16,9 @@ from vitsparse_jax.data.sources import (DatasetNotPreparedError, DigitsSource, F
 from vitsparse_jax.data.transforms import EvalTransform, decode_image, normalize
 
 SOURCES = ("digits", "tfds", "folder", "images")
-# `config.data` fields (vitsparse_jax.config_defaults.data_config); `max_images` = `num_images` (alias);
+# `config.data` fields (vitsparse_jax.config_defaults.data_config);
 # batch_size / num_workers / cache_dir are read by the experiments for `batches`.
-CONFIG_FIELDS = ("source", "name", "split", "data_dir", "manual_dir", "folder", "num_images", "max_images",
+CONFIG_FIELDS = ("source", "name", "split", "data_dir", "manual_dir", "folder", "num_images",
                  "per_class", "every_kth_class", "label_space", "batch_size", "cache_dir", "num_workers")
 
 
@@ -32,10 +32,7 @@ def make_eval_source(cfg: Mapping[str, Any]) -> Source:
     def get(key: str, default: Any = None) -> Any:
         return cfg.get(key) or default
 
-    num_images = get("num_images") or get("max_images")
-    if get("num_images") and get("max_images") and get("num_images") != get("max_images"):
-        raise ValueError(f"data.num_images={get('num_images')} and its alias data.max_images="
-                         f"{get('max_images')} disagree; set one")
+    num_images = get("num_images")
 
     kind = get("source", "digits")
     label_space = get("label_space", "auto")
