@@ -97,7 +97,8 @@ def run_resumable(
 
     bar = tqdm(total=total, initial=start, desc=desc, unit="img", disable=not progress or not is_writer,
                dynamic_ncols=True)
-    next_index, last_save, done_batches = start, time.monotonic(), 0
+    next_index, done_batches = start, 0
+    t0 = last_save = time.monotonic()
     with _stop_on_signals() as flag, bar:
         if start < total:
             for batch in batches_from(start):
@@ -113,7 +114,7 @@ def run_resumable(
                 if time.monotonic() - last_save > checkpoint_every_s and next_index < total:
                     save(next_index)
                     last_save = time.monotonic()
-                    rate = bar.format_dict.get("rate") or 0.0
+                    rate = (next_index - start) / (time.monotonic() - t0)
                     log.info("%s: %d/%d images (%.1f img/s), state saved", desc, next_index, total, rate)
                 if next_index >= total:
                     break
