@@ -1,0 +1,337 @@
+"""Experiment: the ablation grid of paper 1, section 5 — A0, A_t(p, n), A_r(p, n) and psi, in one pass.
+
+  python -m vitsparse_jax.main --config=configs/ablate.py [--config.model=... --config.ablation.p=0.05,0.1]
+
+Per batch, on device and inside one jitted program (`Evaluator`): the clean pass gives A0's predictions,
+the ranking inputs (attention probabilities / post-ReLU maps, SPEC section 3) and the input of every stage
+a variant group starts from; then for each n the variants (every p x {top set, random draws} and the
+whole-layer reference) re-run only the last stages, vmapped over the variant axis. The host keeps one
+row of booleans per image (indexed by the global image index) through `resumable.run_resumable`, so an
+interrupted run resumes exactly; metrics and tables come from those rows (`ablation_report`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vitsparse_jax import ablation_report, ablation_units, data, loading, models, parallel, resumable
+from vitsparse_jax.ablation_units import Plan
+from vitsparse_jax.loading import LoadedModel
+from vitsparse_jax.workdir import Workdir
+
+log = logging.getLogger(__name__)
+
+# Our reading of SPEC section 3, written next to every result.
+DECISIONS = (
+    "k = round(p * U) per ablated layer (Python round, halves to even); U = candidate units of that layer",
+    "ViT/DeiT: units = patch-token attention columns (prefix tokens never ranked, dropped or drawn); "
+    "mu = mean over heads and all query rows of the clean-pass post-softmax attention",
+    "Swin: units = tokens of each block's input map; mu per token from its own window; each block ranked "
+    "by its own clean-pass mu",
+    "CNN: units = channels (cnn_unit=channel) or spatial positions (cnn_unit=spatial) of the post-ReLU map; "
+    "score = l1 over the other axes; each layer ranked by its own clean-pass scores",
+    "drop = multiply the unit by 0 after softmax / after the ReLU in each of the last n layers; the ranking "
+    "is never recomputed on the ablated network",
+    "random sets: per image and draw, uniform without replacement, keyed by (seed, global image index, "
+    "draw, U, k): layers with the same U use the same set; A_r = mean over the draws",
+    "psi = (A0 - A_t) / (A0 - A_r); percentile bootstrap over images; a cell is flagged (n.s.) when the "
+    "interval of A0 - A_r reaches 0",
+    "whole-layer reference: every candidate unit of the last n layers dropped",
+)
+
+
+# --- config ------------------------------------------------------------------------------------------------
+
+def _items(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    if isinstance(value, (int, float)):
+        return [str(value)]
+    return [str(v).strip() for v in value]
+
+
+def parse_floats(value: Any, name: str) -> tuple[float, ...]:
+    """'0.05,0.1' | (0.05, 0.1) | 0.05 -> (0.05, 0.1)."""
+    try:
+        return tuple(float(v) for v in _items(value))
+    except ValueError:
+        raise ValueError(f"{name} must be numbers separated by commas, got {value!r}") from None
+
+
+def parse_ints(value: Any, name: str) -> tuple[int, ...]:
+    try:
+        out = tuple(float(v) for v in _items(value))
+    except ValueError:
+        out = ()
+    if not out or any(v != int(v) for v in out):
+        raise ValueError(f"{name} must be integers separated by commas, got {value!r}")
+    return tuple(int(v) for v in out)
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+    """The experiment's switches (config.ablation), checked and parsed."""
+
+    ps: tuple[float, ...]
+    ns: tuple[int, ...]
+    draws: int
+    rank_by: str
+    cnn_unit: str
+    renormalize: bool
+    whole_layer: bool
+
+    @classmethod
+    def from_config(cls, ab: Any) -> Grid:
+        return cls(parse_floats(ab.p, "ablation.p"), parse_ints(ab.n, "ablation.n"), int(ab.draws),
+                   str(ab.rank_by), str(ab.cnn_unit), bool(ab.renormalize), bool(ab.whole_layer_reference))
+
+    def plan(self, module: Any) -> Plan:
+        return ablation_units.make_plan(module, ps=self.ps, ns=self.ns, draws=self.draws, rank_by=self.rank_by,
+                                        cnn_unit=self.cnn_unit, renormalize=self.renormalize,
+                                        whole_layer=self.whole_layer)
+
+
+def model_names(config: Any) -> list[str]:
+    """config.ablation.models (comma-separated) or else config.model."""
+    names = _items(config.ablation.models) or [config.model]
+    if len(set(names)) != len(names):
+        raise ValueError(f"a model is listed twice in ablation.models: {names}")
+    return names
+
+
+# --- on device ---------------------------------------------------------------------------------------------
+
+class Evaluator:
+    """The per-batch step: clean pass, ranking, masks and every variant, in one jitted program.
+
+    `evaluator(batch)` returns device arrays (B = batch rows, Nn = len(n), P = len(p), D = draws):
+    clean (B,), top (B, Nn, P), rand (B, Nn, P, D), whole (B, Nn) booleans (prediction == label).
+    Time it with `jax.block_until_ready(evaluator(batch))`; `evaluator.variants` counts the re-runs of
+    the ablated stages per image.
+    """
+
+    def __init__(self, module: Any, variables: Any, plan: Plan, pretrained_cfg: dict, *, seed: int = 0,
+                 variant_batch: int = 0, mesh: jax.sharding.Mesh | None = None):
+        self.module, self.plan, self.cfg = module, plan, pretrained_cfg
+        self.variant_batch = int(variant_batch)
+        self.variables = variables if mesh is None else parallel.replicate(variables, mesh)
+        self.key = jax.random.key(seed)
+        self.variants = plan.variants_per_group * len(plan.groups)
+        self._step = jax.jit(self.step)
+
+    def __call__(self, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        return self._step(self.variables, batch["image"], batch["label"], batch["index"], self.key)
+
+    def forward(self, variables: Any, x: jax.Array, index: jax.Array,
+                key: jax.Array) -> tuple[jax.Array, list[jax.Array]]:
+        """Normalised images -> clean logits (B, C) and, per group (sorted by n), variant logits (V, B, C)."""
+        plan = self.plan
+        logits, aux = self.module.apply(variables, x, capture=plan.captures)
+        keeps = ablation_units.all_keeps(plan, aux, key, index)
+        variant_logits = []
+        for group in plan.groups:
+            x0 = x if group.start_input is None else aux[group.start_input]
+
+            def run_from(masks: dict[str, jax.Array], x0=x0, group=group) -> jax.Array:
+                return self.module.apply(variables, x0, masks=masks, start=group.start,
+                                         renormalize=plan.renormalize)[0]
+
+            masks = ablation_units.group_masks(group, keeps)
+            if self.variant_batch > 0:
+                variant_logits.append(jax.lax.map(run_from, masks, batch_size=self.variant_batch))
+            else:
+                variant_logits.append(jax.vmap(run_from)(masks))
+        return logits, variant_logits
+
+    def step(self, variables: Any, images: jax.Array, labels: jax.Array, index: jax.Array,
+             key: jax.Array) -> dict[str, jax.Array]:
+        plan = self.plan
+        clean, variant_logits = self.forward(variables, data.normalize(images, self.cfg), index, key)
+        correct = jnp.stack([jnp.argmax(v, -1) == labels for v in variant_logits])   # (Nn, V, B)
+        nn_, b = correct.shape[0], correct.shape[-1]
+        grid = correct[:, :len(plan.ps) * (1 + plan.draws)].reshape(nn_, len(plan.ps), 1 + plan.draws, b)
+        out = {"clean": jnp.argmax(clean, -1) == labels,
+               "top": grid[:, :, 0].transpose(2, 0, 1),             # (B, Nn, P)
+               "rand": grid[:, :, 1:].transpose(3, 0, 1, 2)}        # (B, Nn, P, D)
+        if plan.whole_layer:
+            out["whole"] = correct[:, -1].T                          # (B, Nn)
+        return out
+
+
+# --- the pass over the data --------------------------------------------------------------------------------
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+def _init_rows(total: int, plan: Plan) -> dict[str, np.ndarray]:
+    n_n, n_p = len(plan.groups), len(plan.ps)
+    rows = {"done": np.zeros(total, bool), "clean": np.zeros(total, bool),
+            "top": np.zeros((total, n_n, n_p), bool), "rand": np.zeros((total, n_n, n_p, plan.draws), bool)}
+    if plan.whole_layer:
+        rows["whole"] = np.zeros((total, n_n), bool)
+    return rows
+
+
+def evaluate(config: Any, loaded: LoadedModel, plan: Plan, source: Any, mesh: jax.sharding.Mesh,
+             workdir: Workdir) -> dict[str, np.ndarray]:
+    """Per-image correctness rows of one model over every image of `source` (resumable)."""
+    batch_size = int(config.data.batch_size)
+    evaluator = Evaluator(loaded.module, loaded.variables, plan, loaded.pretrained_cfg, seed=int(config.seed),
+                          variant_batch=int(config.ablation.variant_batch), mesh=mesh)
+
+    def process(batch: dict[str, Any], rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = parallel.to_host({**evaluator(batch), "index": batch["index"], "valid": batch["valid"]})
+        idx = out["index"][out["valid"]]
+        for name in rows:
+            rows[name][idx] = True if name == "done" else out[name][out["valid"]]
+        return rows
+
+    key = {"model": loaded.describe(), "grid": dataclasses.asdict(Grid.from_config(config.ablation)),
+           "ablation_sites": [s.site for s in plan.groups[-1].sites], "seed": int(config.seed),
+           "data": _data_key(config.data)}
+    stop = int(config.ablation.stop_after_batches) or None
+    return resumable.run_resumable(
+        workdir, key=key, total=len(source), batch_size=batch_size, resume=config.resume,
+        progress=config.progress, desc=f"ablate {loaded.name}", is_writer=jax.process_index() == 0,
+        batches_from=lambda start: data.batches(source, loaded.pretrained_cfg, batch_size, mesh, start=start,
+                                                cache_dir=config.data.cache_dir or None,
+                                                num_workers=config.data.num_workers or None),
+        init=lambda: _init_rows(len(source), plan), process=process, stop_after_batches=stop)
+
+
+def _data_key(data_cfg: Any) -> dict[str, Any]:
+    """The data fields that decide which images are evaluated (not batch size, caches or workers)."""
+    ignore = {"batch_size", "cache_dir", "num_workers", "data_dir", "manual_dir"}
+    return {k: v for k, v in data_cfg.to_dict().items() if k not in ignore}
+
+
+# --- run ---------------------------------------------------------------------------------------------------
+
+def _check_weights(config: Any, names: Sequence[str]) -> None:
+    """Every model's weights exist (before any compute); shapes are checked when each is loaded."""
+    weights = config.weights
+    if weights == loading.UNTRAINED:
+        return
+    if weights not in (loading.BUILTIN, "") and len(names) > 1:
+        raise ValueError(f"weights={weights!r} names one file but {len(names)} models are listed; use "
+                         "weights='' with checkpoint_dir")
+    if weights not in (loading.BUILTIN, ""):
+        return                              # a file: load_model checks it
+    folder = str(loading.ASSETS) if weights == loading.BUILTIN else config.checkpoint_dir
+    missing = []
+    for name in names:
+        try:
+            loading.find_checkpoint(*models.split_name(name), folder)
+        except FileNotFoundError as e:
+            missing.append((name, e))
+    if len(missing) == 1:
+        raise missing[0][1]
+    if missing:
+        raise FileNotFoundError(
+            f"no converted weights in {folder!r} for {len(missing)} of the {len(names)} models: "
+            f"{', '.join(name for name, _ in missing)}. docs/ablation.md ('Reproducing the paper') converts "
+            f"them all; the first one's message: {missing[0][1]}")
+
+
+def prepare(config: Any) -> tuple[Grid, list[str]]:
+    """Checks the whole run before any compute: config, model names, grid against each model, weights."""
+    ab = config.ablation
+    grid = Grid.from_config(ab)
+    if not 0.0 < float(ab.confidence) < 1.0:
+        raise ValueError(f"ablation.confidence must lie in (0, 1), got {ab.confidence}")
+    if int(ab.bootstrap) < 1:
+        raise ValueError(f"ablation.bootstrap (resamples) must be at least 1, got {ab.bootstrap}")
+    names = model_names(config)
+    for name in names:                      # unknown names (with suggestions) and bad grids error here
+        grid.plan(models.create_model(name))
+    _check_weights(config, names)
+    return grid, names
+
+
+def run(config: Any, workdir: Workdir) -> dict[str, Any]:
+    grid, names = prepare(config)
+    mesh = parallel.make_mesh()
+    parallel.check_batch_size(mesh, int(config.data.batch_size))
+    source = data.make_eval_source(config.data)
+    if source.num_classes == 0:
+        raise ValueError(f"the ablation needs labelled images; {source.name} has no labels")
+
+    results = []
+    for name in names:
+        loaded = loading.load_model(name, config.weights, config.checkpoint_dir, config.seed)
+        data.check_labels(source, loaded.info.num_classes)
+        plan = grid.plan(loaded.module)     # the loaded module may differ (e.g. the checkpoint's classes)
+        rows = evaluate(config, loaded, plan, source, mesh, Workdir(workdir.root / _slug(loaded.name)))
+        results.append(model_result(config, loaded, plan, rows, source))
+        log.info("%s: A0 = %.4f on %d images", loaded.name, results[-1]["A0"], results[-1]["images_used"])
+
+    out = {"experiment": "ablate", "decisions": list(DECISIONS), "models": results,
+           "data": {**source.describe(), "config": config.data.to_dict()}, "config": config.to_dict(),
+           "versions": workdir.read_json("versions.json") if workdir.path("versions.json").exists() else {}}
+    if jax.process_index() == 0:
+        write_outputs(workdir, out, config)
+    return out
+
+
+def model_result(config: Any, loaded: LoadedModel, plan: Plan, rows: dict[str, np.ndarray],
+                 source: Any) -> dict[str, Any]:
+    ab = config.ablation
+    stats = ablation_report.summarize(rows, plan.ps, [g.n for g in plan.groups], samples=int(ab.bootstrap),
+                                      confidence=float(ab.confidence), seed=int(config.seed))
+    sites = plan.groups[-1].sites
+    skipped = int(len(source) - rows["done"].sum())
+    return {
+        **loaded.describe(), "name": loaded.name, "label": loaded.arch,
+        "grid": {"p": list(plan.ps), "n": [g.n for g in plan.groups], "draws": plan.draws,
+                 "rank_by": plan.rank_by, "cnn_unit": plan.cnn_unit, "renormalize": plan.renormalize,
+                 "whole_layer_reference": plan.whole_layer},
+        "sites": [{"site": s.site, "kind": s.kind, "units": s.units} for s in sites],
+        "k": {str(p): [plan.ks[s.site][i] for s in sites] for i, p in enumerate(plan.ps)},
+        "images_total": len(source), "images_skipped": skipped,
+        "skipped_reasons": {str(i): why for i, why in sorted(source.skipped.items())[:20]},
+        **stats,
+    }
+
+
+def write_outputs(workdir: Workdir, out: dict[str, Any], config: Any) -> None:
+    from vitsparse_jax.figures import ablation as figures
+
+    results, ab = out["models"], config.ablation
+    workdir.write_json("results.json", out)
+    workdir.write_csv("results.csv", ablation_report.csv_rows(results))
+    workdir.write_text("tables.md", ablation_report.tables_markdown(results, float(ab.confidence)))
+    n_a = 2 if 2 in results[0]["grid"]["n"] else results[0]["grid"]["n"][-1]
+    picked = _items(ab.figure_models)
+    shown = [r for r in results if not picked or r["model"] in picked or r["name"] in picked] or results
+    workdir.save_figure(figures.accuracy_vs_p(shown, n=n_a), "figure4a")
+    focus = next((r for r in results if ab.figure_b_model in (r["model"], r["name"])), results[0])
+    workdir.save_figure(figures.accuracy_vs_p_by_n(focus), "figure4b")
+    workdir.write_text("report.md", report_text(out, n_a, focus["name"]))
+
+
+def report_text(out: dict[str, Any], n_a: int, focus: str) -> str:
+    lines = ["# Ablation report (paper 1, section 5)", ""]
+    source = out["data"]
+    lines += [f"Data: {source.get('name')} ({source.get('identity')}), {source.get('num_images')} images.", ""]
+    for r in out["models"]:
+        g = r["grid"]
+        unit = f", unit: {g['cnn_unit']}" if r["family"] in ("vgg", "resnet") else ""
+        sites = ", ".join(f"{s['site']} (U={s['units']})" for s in r["sites"])
+        lines.append(f"- **{r['name']}** ({r['family']}, weights: {r['weights']}): A0 = {100 * r['A0']:.2f}% on "
+                     f"{r['images_used']} images ({r['images_skipped']} skipped); ranking: {g['rank_by']}{unit}; "
+                     f"renormalize={g['renormalize']}; ablation layers: {sites}")
+    flagged = sum(c["unstable"] for r in out["models"] for c in r["cells"])
+    total = sum(len(r["cells"]) for r in out["models"])
+    lines += ["", f"{flagged} of {total} cells flagged 'n.s.' (A0 - A_r within noise).", "",
+              "Files: `tables.md` (Tables 1-2), `results.json`, `results.csv`, "
+              f"`figure4a.png/pdf` (accuracy vs p at n = {n_a}), `figure4b.png/pdf` ({focus}, n = 1..3, "
+              "whole-layer reference dotted).", "", "Decisions (SPEC section 3):", ""]
+    lines += [f"- {decision}" for decision in out["decisions"]]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,174 @@
+"""Ablation metrics from per-image correctness rows: A0, A_t, A_r, psi with bootstrap intervals, and the
+paper's tables (markdown), CSV rows and the report text. Pure numpy; no devices, no files.
+
+Per-image rows (what the pass over the data accumulates, indexed by global image index):
+  done  (T,)              the image was evaluated (False: padding never reaches here; unread images)
+  clean (T,)              the clean prediction is right
+  top   (T, Nn, P)        right with the top set dropped in the last n layers
+  rand  (T, Nn, P, D)     right with random draw d dropped
+  whole (T, Nn)           right with every candidate of the last n layers dropped (reference)
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+
+TRANSFORMERS = ("vit", "swin")
+
+
+def _quantiles(x: np.ndarray, confidence: float) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile interval along axis 0, without interpolating (bounds may be +-inf)."""
+    alpha = (1.0 - confidence) / 2.0
+    return np.quantile(x, alpha, axis=0, method="lower"), np.quantile(x, 1.0 - alpha, axis=0, method="higher")
+
+
+def _psi(c0: np.ndarray, ct: np.ndarray, cr: np.ndarray, draws: int) -> np.ndarray:
+    """psi = (A0 - A_t) / (A0 - A_r) from integer counts (correct images; cr summed over the draws), so that
+    A0 == A_r gives exactly 0 in the denominator; +inf where the random drop costs nothing or helps."""
+    num, den = draws * (c0 - ct), draws * c0 - cr
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(den > 0, num / np.where(den > 0, den, 1), np.inf)
+
+
+def _resample_counts(n: int, samples: int, seed: int, chunk: int = 64) -> Iterator[np.ndarray]:
+    """Bootstrap resamples of n images as (s, n) multiplicities (integers held in float64), in chunks."""
+    rng = np.random.default_rng(seed)
+    for start in range(0, samples, chunk):
+        s = min(chunk, samples - start)
+        yield rng.multinomial(n, np.full(n, 1.0 / n), size=s).astype(np.float64)
+
+
+def summarize(rows: Mapping[str, np.ndarray], ps: Sequence[float], ns: Sequence[int], *,
+              samples: int = 1000, confidence: float = 0.95, seed: int = 0) -> dict[str, Any]:
+    """Accuracies, psi and bootstrap intervals over the evaluated images (see module docstring).
+
+    Every sum is a count of correct predictions (an integer, exact in float64 whatever the order of the
+    additions), so a cell where A0 == A_r has a denominator of exactly 0, never a rounding residue.
+    """
+    done = np.asarray(rows["done"], bool)
+    used = int(done.sum())
+    if used == 0:
+        raise ValueError("no image was evaluated")
+    rand_draws = rows["rand"][done].astype(np.float64)                             # (T, Nn, P, D)
+    draws = rand_draws.shape[-1]
+    clean = rows["clean"][done].astype(np.float64)                                 # (T,)
+    top = rows["top"][done].astype(np.float64).reshape(used, -1)                   # (T, C), C = Nn * P
+    rand = rand_draws.sum(-1).reshape(used, -1)                                    # (T, C), correct draws
+    c0, ct, cr = clean.sum(), top.sum(0), rand.sum(0)
+
+    b0, bt, br = [], [], []
+    for w in _resample_counts(used, samples, seed):
+        b0.append(w @ clean)
+        bt.append(w @ top)
+        br.append(w @ rand)
+    b0, bt, br = np.concatenate(b0)[:, None], np.concatenate(bt), np.concatenate(br)
+    psi_lo, psi_hi = _quantiles(_psi(b0, bt, br, draws), confidence)
+    drop_lo, drop_hi = _quantiles((draws * b0 - br) / (used * draws), confidence)
+    psi = _psi(c0, ct, cr, draws)
+
+    a0, at, ar = c0 / used, ct / used, cr / (used * draws)
+    cells = []
+    for c, (n, p) in enumerate((n, p) for n in ns for p in ps):
+        i, j = divmod(c, len(ps))
+        cells.append({
+            "n": int(n), "p": float(p),
+            "top_correct": int(ct[c]), "A_t": float(at[c]),
+            "rand_correct": [int(x) for x in rand_draws[:, i, j].sum(0)],
+            "A_r_draws": [float(x) for x in rand_draws[:, i, j].mean(0)], "A_r": float(ar[c]),
+            "drop_t": float(a0 - at[c]), "drop_r": float(a0 - ar[c]),
+            "drop_r_ci": [float(drop_lo[c]), float(drop_hi[c])],
+            "psi": _finite(psi[c]), "psi_ci": [_finite(psi_lo[c]), _finite(psi_hi[c])],
+            "unstable": bool(drop_lo[c] <= 0.0),   # A0 - A_r is not distinguishable from 0
+        })
+    out = {"images_used": used, "A0": float(a0), "A0_correct": int(c0), "cells": cells,
+           "bootstrap": {"samples": int(samples), "confidence": float(confidence), "seed": int(seed)}}
+    if "whole" in rows:
+        whole = rows["whole"][done]
+        out["whole_layer"] = [{"n": int(n), "correct": int(whole[:, i].sum()), "acc": float(whole[:, i].mean())}
+                              for i, n in enumerate(ns)]
+    return out
+
+
+def _finite(x: float) -> float | None:
+    """JSON-safe: None for +-inf / nan (an interval that is unbounded on that side)."""
+    return float(x) if math.isfinite(x) else None
+
+
+# --- tables -------------------------------------------------------------------------------------------------
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.2f}"
+
+
+def psi_text(cell: Mapping[str, Any]) -> str:
+    """psi for a table: the number, or 'n.s.' when A0 - A_r is within noise (flagged cell)."""
+    if cell["unstable"] or cell["psi"] is None:
+        return "n.s."
+    return f"{cell['psi']:.2f}"
+
+
+def _ci_text(ci: Sequence[float | None]) -> str:
+    lo, hi = ("-∞" if ci[0] is None else f"{ci[0]:.2f}"), ("∞" if ci[1] is None else f"{ci[1]:.2f}")
+    return f"[{lo}, {hi}]"
+
+
+def _by_n(result: Mapping[str, Any]) -> dict[int, list[Mapping[str, Any]]]:
+    out: dict[int, list] = {}
+    for cell in result["cells"]:
+        out.setdefault(cell["n"], []).append(cell)
+    return out
+
+
+def paper_table(results: Sequence[Mapping[str, Any]], title: str, confidence: float) -> str:
+    """Table 1 / 2 layout: a row per (model, n); per p the cell 'A_t / A_r / psi' (accuracies in %)."""
+    ps = results[0]["grid"]["p"]
+    head = ["Model", "A0", "n"] + [f"p = {100 * p:g}%: A_t / A_r / ψ" for p in ps] + ["whole layer"]
+    lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    ci_lines = ["", f"ψ with its {100 * confidence:g}% bootstrap interval over images:", "",
+                "| Model | n | " + " | ".join(f"p = {100 * p:g}%" for p in ps) + " |",
+                "|---|---|" + "---|" * len(ps)]
+    for r in results:
+        whole = {w["n"]: w["acc"] for w in r.get("whole_layer", [])}
+        for i, (n, cells) in enumerate(_by_n(r).items()):
+            row = [r["label"] if i == 0 else "", _pct(r["A0"]) if i == 0 else "", str(n)]
+            row += [f"{_pct(c['A_t'])} / {_pct(c['A_r'])} / {psi_text(c)}" for c in cells]
+            row.append(_pct(whole.get(n)))
+            lines.append("| " + " | ".join(row) + " |")
+            ci_lines.append("| " + " | ".join([r["label"] if i == 0 else "", str(n)] + [
+                f"{psi_text(c)} {_ci_text(c['psi_ci'])}" for c in cells]) + " |")
+    return "\n".join(lines + ci_lines) + "\n"
+
+
+def tables_markdown(results: Sequence[Mapping[str, Any]], confidence: float) -> str:
+    """Table 1 (Transformers) and Table 2 (CNNs), each only when it has models."""
+    parts = ["# Ablation results (paper 1, Tables 1-2)", "",
+             "Accuracies in % (top-1). A_t: top-p units of the last n layers dropped; A_r: mean of the random "
+             "draws; ψ = (A0 - A_t) / (A0 - A_r); 'n.s.': A0 - A_r is within noise (its bootstrap interval "
+             "reaches 0), so ψ is not reported. 'whole layer': every candidate unit of the last n layers "
+             "dropped.", ""]
+    transformers = [r for r in results if r["family"] in TRANSFORMERS]
+    cnns = [r for r in results if r["family"] not in TRANSFORMERS]
+    if transformers:
+        parts.append(paper_table(transformers, "Table 1: Transformer models", confidence))
+    if cnns:
+        parts.append(paper_table(cnns, "Table 2: CNN models", confidence))
+    return "\n".join(parts)
+
+
+def csv_rows(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (model, n, p) cell."""
+    rows = []
+    for r in results:
+        whole = {w["n"]: w["acc"] for w in r.get("whole_layer", [])}
+        for c in r["cells"]:
+            row = {"model": r["model"], "tag": r["tag"] or "", "family": r["family"], "n": c["n"], "p": c["p"],
+                   "k": ";".join(str(k) for k in r["k"][str(c["p"])][-c["n"]:]),
+                   "images": r["images_used"], "A0": r["A0"], "A_t": c["A_t"], "A_r": c["A_r"]}
+            row.update({f"A_r_draw{d}": a for d, a in enumerate(c["A_r_draws"])})
+            row.update({"psi": c["psi"], "psi_lo": c["psi_ci"][0], "psi_hi": c["psi_ci"][1],
+                        "drop_r_lo": c["drop_r_ci"][0], "drop_r_hi": c["drop_r_ci"][1],
+                        "unstable": c["unstable"], "whole_layer": whole.get(c["n"])})
+            rows.append(row)
+    return rows
