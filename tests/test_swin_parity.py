@@ -224,8 +224,12 @@ def test_start_reproduces_logits():
     stages = module.info().stages
     for start in ("layers.2.blocks.5", "layers.3.downsample", "head"):
         prev = stages[stages.index(start) - 1]
-        out, _ = jitted(TINY, (), start)(variables, aux[prev], keeps)
+        running = {site: k for site, k in keeps.items()  # masks of blocks that run from `start` on
+                   if stages.index(site.removesuffix(".attn")) >= stages.index(start)}
+        out, _ = jitted(TINY, (), start)(variables, aux[prev], running)
         assert rel_err(out, logits) <= 1e-6, start
+    with pytest.raises(ValueError, match="before start stage"):
+        module.apply(variables, aux["layers.3.blocks.1"], masks=keeps, start="head")
     with pytest.raises(ValueError, match="start stage"):
         module.apply(variables, x, start="layers.9.blocks.0")
     with pytest.raises(ValueError, match="must be"):

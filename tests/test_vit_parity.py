@@ -314,6 +314,8 @@ def test_start_from_captured_stage_reproduces_logits():
     masked_full, _ = module.apply(variables, x, masks=m)
     masked_tail, _ = module.apply(variables, aux["blocks.0"], masks=m, start="blocks.1")
     assert rel_err(masked_tail, masked_full) <= 1e-6
+    with pytest.raises(ValueError, match="before start stage"):  # that block would not run
+        module.apply(variables, aux["blocks.1"], masks=m, start="head")
 
 
 # --- untrained init -----------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -65,6 +65,14 @@ def check_start(start: str | None, stages: tuple[str, ...]) -> int:
     if start not in stages:
         raise ValueError(f"unknown start stage {start!r}; valid stages: {', '.join(stages)}")
     return stages.index(start)
+
+
+def check_masks_run(masks: Mapping[str, Array], stage_of: Callable[[str], str], stages: tuple[str, ...],
+                    first: int, start: str | None) -> None:
+    """A mask must lie in a stage that runs: one before `start` is a caller error, never silently unused."""
+    for site in masks:
+        if stages.index(stage_of(site)) < first:
+            raise ValueError(f"mask site {site!r} lies before start stage {start!r}: that stage does not run")
 
 
 def apply_unit_mask(x: Array, mask: Array | None) -> Array:

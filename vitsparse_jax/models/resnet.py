@@ -146,9 +146,8 @@ class ResNet(nn.Module):
         info = self.info()
         masks = base.check_masks(masks, info.mask_sites)
         first = base.check_start(start, info.stages)
-        for site in masks:  # a mask must lie in a stage that runs
-            if info.stages.index("stem" if site == "act1" else site.rsplit(".", 1)[0]) < first:
-                raise ValueError(f"mask site {site!r} lies before start stage {start!r}")
+        base.check_masks_run(masks, lambda site: "stem" if site == "act1" else site.rsplit(".", 1)[0],
+                             info.stages, first, start)
 
         found: dict[str, Array] = {}
         if first == 0:

@@ -423,6 +423,7 @@ class SwinTransformer(nn.Module):
         info = self.info()
         begin = base.check_start(start, info.stages)
         masks = base.check_masks(masks, info.mask_sites)
+        base.check_masks_run(masks, lambda site: site.removesuffix(".attn"), info.stages, begin, start)
         base.select_captures({}, capture, info.capture_names)  # fail on a bad pattern before computing
         if x.ndim != 4 or tuple(x.shape[1:]) != self._input_shape(begin):
             raise ValueError(f"{self.arch}: input of stage {info.stages[begin]!r} must be (B, "

@@ -141,10 +141,8 @@ class VGG(nn.Module):
         info = self.info()
         masks = base.check_masks(masks, info.mask_sites)
         first = base.check_start(start, info.stages)
-        for site in masks:  # a mask must lie in a stage that runs
-            stage = site if site.startswith("features.") else "pre_logits"
-            if info.stages.index(stage) < first:
-                raise ValueError(f"mask site {site!r} lies before start stage {start!r}")
+        base.check_masks_run(masks, lambda site: site if site.startswith("features.") else "pre_logits",
+                             info.stages, first, start)
 
         conv = functools.partial(nn.Conv, kernel_size=(3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
                                  precision=self.precision, kernel_init=CONV_INIT)

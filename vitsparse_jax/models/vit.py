@@ -200,12 +200,13 @@ class VisionTransformer(nn.Module):
                  start: str | None = None, renormalize: bool = False) -> tuple[Array, dict[str, Array]]:
         """Images (B, H, W, 3), or the input of stage `start`, -> (logits or pooled features, captures).
 
-        Masks of blocks before `start` have no effect (those blocks do not run).
+        A mask of a block before `start` is an error (that block does not run).
         """
         valid = self.capture_names()
         base.select_captures({}, capture, valid)   # validates the patterns before any compute
         masks = base.check_masks(masks, tuple(f"blocks.{l}.attn" for l in range(self.depth)))
         first = base.check_start(start, self.stage_names())   # 0 = embed, 1 + l = blocks.l, depth + 1 = head
+        base.check_masks_run(masks, lambda site: site.removesuffix(".attn"), self.stage_names(), first, start)
         wanted = lambda name: any(fnmatch.fnmatchcase(name, p) for p in capture)  # noqa: E731
         found: dict[str, Array] = {}
 
