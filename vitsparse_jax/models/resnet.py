@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from vitsparse_jax.models import base
+from vitsparse_jax.models.layers import torch_batch_norm
 
 Array = jax.Array
 
@@ -52,12 +53,6 @@ ARCHS: dict[str, dict] = {
 
 def _pad(k: int) -> tuple[tuple[int, int], tuple[int, int]]:
     return ((k // 2, k // 2), (k // 2, k // 2))
-
-
-def torch_batch_norm(train: bool, dtype: Any, **kwargs: Any) -> nn.BatchNorm:
-    """torch BatchNorm2d: eps 1e-5, momentum 0.1 (flax 0.9); two-pass variance for batch statistics."""
-    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, use_fast_variance=False,
-                        dtype=dtype, **kwargs)
 
 
 class Block(nn.Module):

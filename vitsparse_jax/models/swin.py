@@ -18,6 +18,7 @@ import numpy as np
 
 from vitsparse_jax.models import base
 from vitsparse_jax.models.base import Array, ModelInfo
+from vitsparse_jax.models.layers import Mlp, TimmDense, trunc_normal
 
 LN_EPS = 1e-5
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -151,13 +152,6 @@ def window_token_index(module: "SwinTransformer", stage: int, block: int) -> np.
 # ----------------------------------------------------------------------------------------------------
 # Initialisers (timm's scheme).
 
-def _timm_trunc_normal(std: float = 0.02):
-    """timm's trunc_normal_(std=.02): bounds are +-2 absolute (+-100 std), i.e. nearly a plain normal."""
-    def init(key: Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> Array:
-        return std * jax.random.truncated_normal(key, -2.0 / std, 2.0 / std, shape, dtype)
-    return init
-
-
 def _torch_conv_bias(fan_in: int):
     """PyTorch's default Conv2d bias init, U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
     bound = 1.0 / math.sqrt(fan_in)
@@ -173,13 +167,6 @@ _torch_conv_kernel = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "unif
 
 # ----------------------------------------------------------------------------------------------------
 # Modules.
-
-class _Dense(nn.Dense):
-    """nn.Dense with timm's Linear init (trunc_normal .02 weights, zero bias)."""
-
-    kernel_init: Any = _timm_trunc_normal()
-    bias_init: Any = nn.initializers.zeros
-
 
 def _layer_norm(name: str, dtype: Any) -> nn.LayerNorm:
     # two-pass variance, as torch computes it
@@ -213,13 +200,13 @@ class WindowAttention(nn.Module):
         """x: (B, nW, T, C) windows -> (output windows (B, nW, T, C), probs (B, nW, heads, T, T))."""
         b, nw, t, c = x.shape
         head_dim = self.dim // self.num_heads
-        qkv = _Dense(3 * self.dim, dtype=self.dtype, precision=self.precision, name="qkv")(x)
+        qkv = TimmDense(3 * self.dim, dtype=self.dtype, precision=self.precision, name="qkv")(x)
         qkv = qkv.reshape(b, nw, t, 3, self.num_heads, head_dim)
         q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
         logits = jnp.einsum("bwqhd,bwkhd->bwhqk", q * head_dim ** -0.5, k, precision=self.precision)
 
         wh, ww = self.window
-        table = self.param("relative_position_bias_table", _timm_trunc_normal(),
+        table = self.param("relative_position_bias_table", trunc_normal(0.02),
                            ((2 * wh - 1) * (2 * ww - 1), self.num_heads), jnp.float32)
         bias = table[_relative_position_index(self.window)].transpose(2, 0, 1)  # (heads, T, T)
         logits = logits.astype(jnp.float32) + bias
@@ -230,22 +217,9 @@ class WindowAttention(nn.Module):
             probs = mask_columns(probs, keep, renormalize)
 
         out = jnp.einsum("bwhqk,bwkhd->bwqhd", probs.astype(self.dtype), v, precision=self.precision)
-        out = _Dense(self.dim, dtype=self.dtype, precision=self.precision, name="proj")(
+        out = TimmDense(self.dim, dtype=self.dtype, precision=self.precision, name="proj")(
             out.reshape(b, nw, t, self.dim))
         return out, probs
-
-
-class Mlp(nn.Module):
-    hidden: int
-    dtype: Any = jnp.float32
-    precision: Any = base.DEFAULT_PRECISION
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        dim = x.shape[-1]
-        x = _Dense(self.hidden, dtype=self.dtype, precision=self.precision, name="fc1")(x)
-        x = nn.gelu(x, approximate=False)
-        return _Dense(dim, dtype=self.dtype, precision=self.precision, name="fc2")(x)
 
 
 class SwinBlock(nn.Module):
@@ -292,7 +266,7 @@ class PatchMerging(nn.Module):
         # timm's order: (B, H/2, 2[row], W/2, 2[col], C) -> (B, H/2, W/2, col, row, C) -> 4C channels
         x = x.reshape(b, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 4, 2, 5).reshape(b, h // 2, w // 2, 4 * c)
         x = _layer_norm("norm", self.dtype)(x)
-        return _Dense(self.out_dim, use_bias=False, dtype=self.dtype, precision=self.precision,
+        return TimmDense(self.out_dim, use_bias=False, dtype=self.dtype, precision=self.precision,
                       name="reduction")(x)
 
 
@@ -318,7 +292,7 @@ class ClassifierHead(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        return _Dense(self.num_classes, dtype=self.dtype, precision=self.precision, name="fc")(x)
+        return TimmDense(self.num_classes, dtype=self.dtype, precision=self.precision, name="fc")(x)
 
 
 class SwinStage(nn.Module):

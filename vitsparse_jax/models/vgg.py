@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vitsparse_jax.models import base
+from vitsparse_jax.models.layers import torch_batch_norm
 
 Array = jax.Array
 
@@ -65,12 +66,6 @@ def adaptive_avg_pool(x: Array, out_hw: tuple[int, int]) -> Array:
         return w
     wh, ww = weights(x.shape[1], out_hw[0]), weights(x.shape[2], out_hw[1])
     return jnp.einsum("oh,bhwc,pw->bopc", wh, x, ww, precision=base.DEFAULT_PRECISION)
-
-
-def torch_batch_norm(train: bool, dtype: Any, **kwargs: Any) -> nn.BatchNorm:
-    """torch BatchNorm2d: eps 1e-5, momentum 0.1 (flax 0.9); two-pass variance for batch statistics."""
-    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, use_fast_variance=False,
-                        dtype=dtype, **kwargs)
 
 
 class ConvMlp(nn.Module):

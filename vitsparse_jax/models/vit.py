@@ -14,6 +14,7 @@ import flax.linen as nn
 
 from vitsparse_jax.models import base
 from vitsparse_jax.models.base import Array, ModelInfo
+from vitsparse_jax.models.layers import Mlp, trunc_normal
 
 FAMILY = "vit"
 LN_EPS = 1e-6
@@ -22,13 +23,6 @@ LN_EPS = 1e-6
 # ---------------------------------------------------------------------------------------------------------
 # Initialisers (timm's init_weights: trunc_normal_ std .02 with ABSOLUTE bounds [-2, 2], i.e. practically a
 # plain normal; torch's default Conv2d init for the patch embedding, which timm leaves untouched).
-
-def trunc_normal(std: float, lo: float = -2.0, hi: float = 2.0) -> Callable:
-    """timm.layers.trunc_normal_: N(0, std^2) truncated to the absolute interval [lo, hi]."""
-    def init(key, shape, dtype=jnp.float32):
-        return jax.random.truncated_normal(key, lo / std, hi / std, shape, jnp.float32).astype(dtype) * std
-    return init
-
 
 def normal(std: float) -> Callable:
     return nn.initializers.normal(stddev=std)
@@ -93,21 +87,6 @@ def mask_columns(probs: Array, mask: Array, renormalize: bool) -> Array:
     return jnp.where(untouched, kept, renormed)
 
 
-class Mlp(nn.Module):
-    hidden: int
-    dim: int
-    dtype: Any = jnp.float32
-    precision: Any = base.DEFAULT_PRECISION
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        kw = dict(dtype=self.dtype, precision=self.precision, kernel_init=trunc_normal(.02),
-                  bias_init=nn.initializers.zeros)
-        x = nn.Dense(self.hidden, name="fc1", **kw)(x)
-        x = nn.gelu(x, approximate=False)
-        return nn.Dense(self.dim, name="fc2", **kw)(x)
-
-
 class Block(nn.Module):
     """Pre-norm transformer block; returns the block output and its named intermediates."""
 
@@ -124,7 +103,7 @@ class Block(nn.Module):
             norm("norm1")(x), mask, renormalize)
         x = x + attn
         attn_res = x
-        mlp = Mlp(int(self.dim * self.mlp_ratio), self.dim, self.dtype, self.precision, name="mlp")(
+        mlp = Mlp(int(self.dim * self.mlp_ratio), self.dtype, self.precision, name="mlp")(
             norm("norm2")(x))
         x = x + mlp
         return x, {"attn.probs": probs, "attn": attn, "attn_res": attn_res, "mlp": mlp}
