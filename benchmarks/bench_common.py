@@ -28,6 +28,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:   # run as `python benchmarks/x.py` from a checkout without `pip install -e .`
     sys.path.insert(0, str(REPO))
 
+# Before any jax computation: the package's XLA:CPU flags (vitsparse_jax/xla_cpu_flags.py) apply to both the
+# project and jax-only baselines such as the matmul peak; XLA_FLAGS, as in effect, is recorded per figure.
+import vitsparse_jax  # noqa: F401
+
 # Pause between timed runs, so that the spinning worker threads of the framework that ran last (OpenMP in
 # torch, Eigen in XLA:CPU) have gone to sleep before the other framework starts its run.
 SETTLE_S = 0.5

@@ -66,6 +66,7 @@ def versions() -> dict[str, str]:
             out[name] = metadata.version(name.replace("_", "-"))
         except metadata.PackageNotFoundError:
             pass
+    out["xla_flags"] = os.environ.get("XLA_FLAGS", "")   # changes XLA's code generation (xla_cpu_flags.py)
     try:
         import jax
         out["devices"] = f"{jax.device_count()} x {jax.devices()[0].device_kind} ({jax.default_backend()})"
