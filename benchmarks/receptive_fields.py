@@ -7,9 +7,10 @@ Layers: the experiment's default set (`receptive_field.default_layers`): `embed`
 `attn`, `attn_res`, `mlp` and the block output (49 layers for a 12-block ViT); central part f = 1/7
 (2x2 of the 14x14 patch grid). Output of both: M (L, H, W) = sum over images of |d sum(Y_central) / dx|,
 summed over colour channels.
-  - project: `receptive_field.make_rf_fn` (one forward under jax.vjp, then the pullbacks of all layers,
-    vmapped `--chunk_size` layers at a time with lax.map), jitted; the default chunk size of
-    configs/receptive_field.py is 8.
+  - project: `receptive_field.make_rf_fn`, jitted: the forward stage by stage under jax.vjp, then a reverse
+    sweep over the stages that pulls back a batch of cotangents, one row per layer already reached (vmapped
+    over the rows; at most `--chunk_size` rows together, one sweep per chunk of layers); the default chunk
+    size of configs/receptive_field.py is 8.
   - peer: timm with forward hooks, ONE forward with the input requiring grad, then a loop over the layers:
     `torch.autograd.grad(central_sum(Y_l), x, retain_graph=True)` (each backward only runs through the
     part of the graph below layer l).
@@ -56,68 +57,6 @@ def torch_program(model, layers, prefix: int, device: str):
     return fn
 
 
-def stagewise_rf_fn(module, layers, prefix: int):
-    """PROTOTYPE of the change that closes the gap to the torch loop (not part of the package).
-
-    `make_rf_fn` pulls the one-hot cotangent of every layer back through the WHOLE network (vmapped), so
-    layer l pays for the backward of all blocks, also those above it: ~L full backward passes. Here the
-    sweep goes block by block from the top; the cotangent batch at block b holds only the layers of blocks
-    >= b (4 new ones join at each block), so layer l's pullback stops where it starts, as in the torch
-    loop: sum_b 4 (depth - b) block pullbacks instead of L x depth. Same maps (checked against make_rf_fn).
-    ViT only; jitted fn(variables, x, weight) -> (L, H, W).
-    """
-    import jax
-    import jax.numpy as jnp
-
-    wanted = [layer.name for layer in layers]
-    by_name = {layer.name: layer for layer in layers}
-    depth = module.depth
-
-    def seed(name, y, weight):   # d sum(Y_central) / dY, per image weighted: (B, N, D)
-        r = by_name[name].region
-        gh, gw = r.grid
-        mask = jnp.zeros((gh, gw), y.dtype).at[r.row0:r.row1, r.col0:r.col1].set(1.0).reshape(-1)
-        mask = jnp.concatenate([jnp.zeros((prefix,), y.dtype), mask])
-        return weight[:, None, None] * jnp.broadcast_to(mask[None, :, None], y.shape)
-
-    def fn(variables, x, weight):
-        h, embed_pullback = jax.vjp(lambda x: module.apply(variables, x, method=lambda m, x: m.embed(x)), x)
-        pullbacks, outputs = [], []
-        for b in range(depth):
-            def block(h, b=b):
-                y, parts = module.apply(variables, h, method=lambda m, h: m.blocks[b](h, None, False))
-                return y, {k: parts[k] for k in ("attn", "attn_res", "mlp")}
-            (y, parts), pullback = jax.vjp(block, h)
-            pullbacks.append(pullback)
-            outputs.append((y, parts))
-            h = y
-        ct, order = None, []
-        for b in reversed(range(depth)):
-            y, parts = outputs[b]
-            new = [n for n in (f"blocks.{b}.attn", f"blocks.{b}.attn_res", f"blocks.{b}.mlp", f"blocks.{b}")
-                   if n in wanted]
-            zeros = jnp.zeros((len(new), *y.shape), y.dtype)
-            ct_y = jnp.concatenate([c for c in (ct, zeros) if c is not None])
-            ct_parts = {k: jnp.zeros_like(ct_y) for k in parts}
-            k_old = 0 if ct is None else ct.shape[0]
-            for j, n in enumerate(new):
-                part = n.rsplit(".", 1)[-1] if n != f"blocks.{b}" else None
-                if part is None:
-                    ct_y = ct_y.at[k_old + j].set(seed(n, y, weight))
-                else:
-                    ct_parts[part] = ct_parts[part].at[k_old + j].set(seed(n, y, weight))
-            order += new
-            (ct,) = jax.vmap(pullbacks[b])((ct_y, ct_parts))
-        if "embed" in wanted:
-            ct = jnp.concatenate([ct, seed("embed", outputs[0][0], weight)[None]])
-            order.append("embed")
-        (gx,) = jax.vmap(embed_pullback)(ct)
-        maps = jnp.abs(gx).sum(axis=-1).sum(axis=1)
-        return maps[jnp.asarray([order.index(n) for n in wanted])]
-
-    return jax.jit(fn)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="vit_base_patch16_224")
@@ -126,8 +65,6 @@ def main() -> None:
     parser.add_argument("--chunk_size", type=int, default=8)
     parser.add_argument("--fraction", type=float, default=1.0 / 7.0)
     parser.add_argument("--share_weights", type=int, default=1)
-    parser.add_argument("--stagewise", type=int, default=1,
-                        help="also time the prototype `stagewise_rf_fn` (the fix for the gap to the torch loop) (1/0)")
     bc.add_common_args(parser)
     args = parser.parse_args()
     info = bc.machine()
@@ -163,9 +100,6 @@ def main() -> None:
 
     contenders = {"project": (lambda: fn(variables, x_jax, weight), bc.jax_sync),
                   "torch_loop": (lambda: tfn(x_torch), bc.torch_sync_fn(device))}
-    if args.stagewise:
-        sfn = stagewise_rf_fn(module, layers, minfo.num_prefix_tokens)
-        contenders["project_stagewise_prototype"] = (lambda: sfn(variables, x_jax, weight), bc.jax_sync)
     bc.wait_for_calm(args.wait_load, args.wait_max_s)
     timed, loads = bc.interleaved(contenders, runs=args.runs, work=b)
 
@@ -173,15 +107,6 @@ def main() -> None:
     theirs = timed["torch_loop"].last.detach().cpu().numpy()
     errs = [float(np.abs(o - t).max() / (np.abs(t).max() + 1e-30)) for o, t in zip(ours, theirs, strict=True)]
     flops = bc.count_flops(fn, variables, x_jax, weight) / b
-    stagewise = {}
-    if args.stagewise:
-        sw = timed["project_stagewise_prototype"]
-        s_maps = np.asarray(sw.last)
-        s_flops = bc.count_flops(sfn, variables, x_jax, weight) / b
-        stagewise = {"images_per_s": sw.rate, "ratio_vs_torch_loop": sw.rate / timed["torch_loop"].rate,
-                     "ratio_vs_project": sw.rate / timed["project"].rate, "flops_per_image": s_flops,
-                     "max_rel_diff_vs_project": float(max(np.abs(a - c).max() / (np.abs(c).max() + 1e-30)
-                                                          for a, c in zip(s_maps, ours, strict=True)))}
     fwd_flops = bc.count_flops(lambda v, x: module.apply(v, x)[0], variables, x_jax) / b
     p, t = timed["project"], timed["torch_loop"]
     print(bc.md_row(["model", "layers", "batch", "chunk", "project img/s", "torch loop img/s", "project / torch",
@@ -192,12 +117,6 @@ def main() -> None:
                      bc.load_label(loads)]), flush=True)
     print(f"  project program: {flops / 1e9:.0f} GFLOP per image = {flops / fwd_flops:.1f} forward passes "
           f"({fwd_flops / 1e9:.1f} GFLOP); {flops * p.rate / 1e9:.1f} GFLOP/s achieved; compile {p.warmup_s:.1f} s")
-    if stagewise:
-        sw_gflop = stagewise["flops_per_image"] / 1e9
-        print(f"  stagewise prototype: {stagewise['images_per_s']:.3g} img/s = {stagewise['ratio_vs_torch_loop']:.2f}x "
-              f"the torch loop, {stagewise['ratio_vs_project']:.2f}x make_rf_fn; {sw_gflop:.0f} GFLOP per image = "
-              f"{stagewise['flops_per_image'] / fwd_flops:.1f} forward passes; max rel. diff of maps "
-              f"vs make_rf_fn {stagewise['max_rel_diff_vs_project']:.1e}")
     bc.append_json(args.json, bc.record(
         "receptive_fields", info, loads, model=args.model, layers=len(layers), batch_size=b,
         chunk_size=args.chunk_size, runs=args.runs, fraction=args.fraction,
@@ -207,7 +126,7 @@ def main() -> None:
         warmup_s={"project": p.warmup_s, "torch_loop": t.warmup_s}, ratio_vs_torch_loop=p.rate / t.rate,
         max_rel_diff_of_maps=max(errs) if shared is not None else None,
         flops_per_image={"project_program": flops, "forward": fwd_flops},
-        project_gflops_per_s=flops * p.rate / 1e9, stagewise_prototype=stagewise,
+        project_gflops_per_s=flops * p.rate / 1e9,
         weights="timm init, shared" if shared is not None else "independent random inits"))
 
 

@@ -1,15 +1,20 @@
 """The batched gradient program of the receptive-field experiment, and the layers it measures.
 
 For each requested layer Y: M = |d sum(Y_central) / dx|, x = the normalised input image, summed over the
-colour channels (SPEC section 5). One jitted program per model computes the maps of ALL layers: one
-forward under `jax.vjp` gives every layer's central sum per image, then the pullback runs for all layers'
-one-hot cotangents at once (vmapped, `chunk_size` layers at a time with `lax.map`).
+colour channels (SPEC section 5). One jitted program per model computes the maps of ALL layers with a
+reverse sweep over the model's stages (`module.info().stages`): the forward runs stage by stage under
+`jax.vjp` (`apply(start=s, stop=s)`) up to the deepest requested layer; then, from the top down, a batch
+of cotangents with one row per layer already reached is pulled back through each stage (vmapped over the
+rows), each layer's row joining at the stage that computes it. Layer l so pays for the backward of its
+own stage and those below it, about what a per-layer autograd loop does, instead of a full backward pass. At
+most `chunk_size` rows travel together (one sweep per chunk of layers, deepest first), which bounds memory.
 """
 from __future__ import annotations
 
 import dataclasses
 import fnmatch
 import functools
+import inspect
 import re
 from typing import Any, Callable, Sequence
 
@@ -135,40 +140,107 @@ def layer_specs(module: Any, variables: Any, info: ModelInfo, names: Sequence[st
 # ------------------------------------------------------------------------------------------------------
 # The batched gradient program
 
+def stage_plan(module: Any) -> tuple[str | None, ...]:
+    """The stages the program runs one at a time: `info().stages` when the module's `__call__` takes `stop`
+    (every family of this package), else the whole network as one stage (`None`)."""
+    try:
+        accepts_stop = "stop" in inspect.signature(type(module).__call__).parameters
+    except (TypeError, ValueError):
+        accepts_stop = False
+    if accepts_stop and hasattr(module, "info"):
+        return tuple(module.info().stages)
+    return (None,)
+
+
 @functools.lru_cache(maxsize=16)
 def make_rf_fn(module: Any, layers: tuple[Layer, ...], num_prefix_tokens: int, chunk_size: int = 0,
                norm: tuple[tuple[float, ...], tuple[float, ...]] | None = None) -> Callable:
     """A jitted fn(variables, images, weight) -> (L, H, W): sum over images of weight * M_l.
 
     images: (B, H, W, 3), uint8 when `norm` = (mean, std) is given (x = (images / 255 - mean) / std), else
-    the normalised x. weight: (B,) per image (1 = count, 0 = padding): the cotangent of layer l is `weight`
-    in column l, so padding contributes nothing. chunk_size: layers whose pullbacks run at once (0 = all).
-    Cached: the trained and untrained twins of a model share one compiled program.
-    """
-    captures = tuple(layer.name for layer in layers if layer.name != LOGITS)
-    n = len(layers)
+    the normalised x. weight: (B,) per image (1 = count, 0 = padding): it scales the cotangent of every
+    layer, so padding contributes nothing. chunk_size: at most this many layers' cotangents are pulled back
+    together (0 = all). Cached: the trained and untrained twins of a model share one compiled program.
 
-    def central_sums(variables: Any, x: jax.Array) -> jax.Array:   # (B, L)
-        out, aux = module.apply(variables, x, capture=captures)
-        return jnp.stack([layer.central_sum(out if layer.name == LOGITS else aux[layer.name], num_prefix_tokens)
-                          for layer in layers], axis=1)
+    A reverse sweep over the stages (`stage_plan`): the forward runs stage by stage under `jax.vjp`
+    (`apply(start=s, stop=s)`), each stage returning its output and the captures of the requested layers
+    it computes, and stops after the deepest requested layer's stage. The layers, deepest first, are cut
+    into chunks of `chunk_size`; for each chunk, a cotangent batch with one row per layer of the chunk
+    already seen is pulled back from the chunk's deepest stage down to the input (vmapped over the rows),
+    the rows of the layers a stage computes joining it there. Layer l thus pays for the backward of its own
+    stage and those below it, not of the whole network. A module whose `__call__` takes no `stop` is
+    swept as one stage (the whole network: a full backward pass per layer).
+    """
+    captures = tuple(dict.fromkeys(layer.name for layer in layers if layer.name != LOGITS))
+    by_name = {layer.name: layer for layer in layers}
+    stages = stage_plan(module)
+
+    def seed(name: str, y: jax.Array, weight: jax.Array) -> jax.Array:
+        """d sum(Y_central) / dY, each image scaled by its weight: the cotangent of layer `name` at Y."""
+        _, vjp = jax.vjp(lambda y: by_name[name].central_sum(y, num_prefix_tokens), y)
+        (ct,) = vjp(weight.astype(y.dtype))
+        return ct
 
     def fn(variables: Any, images: jax.Array, weight: jax.Array) -> jax.Array:
         if norm is not None:
             x = data.normalize(images, mean=norm[0], std=norm[1])
         else:
             x = images.astype(jnp.float32)
-        _, pullback = jax.vjp(lambda x: central_sums(variables, x), x)
         weight = weight.astype(jnp.float32)
 
-        def one_layer(onehot: jax.Array) -> jax.Array:   # (L,) -> (H, W)
-            (grad,) = pullback(weight[:, None] * onehot[None, :])
-            return jnp.abs(grad).sum(axis=-1).sum(axis=0)
+        # forward, stage by stage, until every requested layer has been computed
+        runs, stage_of, h = [], {}, x
+        for i, stage in enumerate(stages):
+            kw = {} if stage is None else {"start": stage, "stop": stage}
+            (out, aux), pullback = jax.vjp(
+                lambda h, kw=kw: module.apply(variables, h, capture=captures, **kw), h)
+            runs.append((out, aux, pullback))
+            stage_of.update({name: i for name in captures if name in aux})
+            if i == len(stages) - 1 and LOGITS in by_name:
+                stage_of[LOGITS] = i
+            if len(stage_of) == len(by_name):
+                break
+            h = out
+        missing = [name for name in by_name if name not in stage_of]
+        if missing:
+            raise ValueError(f"no stage of {type(module).__name__} computes {missing}; stages: {stages}")
 
-        onehots = jnp.eye(n, dtype=jnp.float32)
-        if chunk_size <= 0 or chunk_size >= n:
-            return jax.vmap(one_layer)(onehots)
-        return jax.lax.map(one_layer, onehots, batch_size=chunk_size)
+        # reverse sweeps, one per chunk of layers (deepest first); rows = the chunk's layers seen so far
+        deepest_first = sorted(by_name, key=lambda name: -stage_of[name])
+        size = chunk_size if chunk_size > 0 else len(deepest_first)
+        maps, order = [], []
+        for begin in range(0, len(deepest_first), size):
+            chunk = deepest_first[begin:begin + size]
+            if maps:   # this chunk's seeds wait for the previous chunk's maps: one chunk's cotangents at a time
+                maps[-1], weight = jax.lax.optimization_barrier((maps[-1], weight))
+            rows, carry = [], None
+            for i in range(stage_of[chunk[0]], -1, -1):
+                new = [name for name in chunk if stage_of[name] == i]
+                carry = pull_stage(runs[i], carry, len(rows), new, weight, to_maps=i == 0)
+                rows += new
+            maps.append(carry)
+            order += rows
+        maps = jnp.concatenate(maps) if len(maps) > 1 else maps[0]
+        return maps[jnp.asarray([order.index(layer.name) for layer in layers])]
+
+    def pull_stage(run: tuple, carry: jax.Array | None, old: int, new: list[str], weight: jax.Array,
+                   to_maps: bool) -> jax.Array:
+        """Pulls the `old` cotangent rows `carry` (at the stage output) and the seeds of the layers `new` that
+        the stage computes back through the stage, vmapped over the rows: (rows, B, *stage input), or with
+        `to_maps` (the first stage: the input is x) the maps |d/dx| summed over channels and images."""
+        out, aux, pullback = run
+        row_of = {name: old + j for j, name in enumerate(new)}
+        seeds = {name: seed(name, aux[name], weight) for name in new if name != LOGITS}
+        fresh = [seed(LOGITS, out, weight) if name == LOGITS else jnp.zeros_like(out) for name in new]
+        ct_out = jnp.concatenate(([] if carry is None else [carry]) + ([jnp.stack(fresh)] if fresh else []))
+
+        def pull(index: jax.Array, ct: jax.Array) -> jax.Array:
+            ct_aux = {name: jnp.where(index == row_of[name], seeds[name], jnp.zeros_like(seeds[name]))
+                      if name in seeds else jnp.zeros_like(value) for name, value in aux.items()}
+            (grad,) = pullback((ct, ct_aux))
+            return jnp.abs(grad).sum(axis=-1).sum(axis=0) if to_maps else grad
+
+        return jax.vmap(pull)(jnp.arange(old + len(new)), ct_out)
 
     return jax.jit(fn)
 

@@ -1,4 +1,4 @@
-"""Pieces shared by every model family: ModelInfo, capture filtering, mask checks."""
+"""Pieces shared by every model family: ModelInfo, capture filtering, mask, start and stop checks."""
 from __future__ import annotations
 
 import dataclasses
@@ -67,12 +67,29 @@ def check_start(start: str | None, stages: tuple[str, ...]) -> int:
     return stages.index(start)
 
 
+def check_stop(stop: str | None, stages: tuple[str, ...], first: int) -> int:
+    """Index of the last stage to run (the last stage when `stop` is None); `first` = index of `start`."""
+    if stop is None:
+        return len(stages) - 1
+    if stop not in stages:
+        raise ValueError(f"unknown stop stage {stop!r}; valid stages: {', '.join(stages)}")
+    last = stages.index(stop)
+    if last < first:
+        raise ValueError(f"stop stage {stop!r} lies before start stage {stages[first]!r}; stages run in the "
+                         f"order {', '.join(stages)}")
+    return last
+
+
 def check_masks_run(masks: Mapping[str, Array], stage_of: Callable[[str], str], stages: tuple[str, ...],
-                    first: int, start: str | None) -> None:
-    """A mask must lie in a stage that runs: one before `start` is a caller error, never silently unused."""
+                    first: int, start: str | None, last: int | None = None, stop: str | None = None) -> None:
+    """A mask must lie in a stage that runs: one before `start` or after `stop` (stage index `last`) is a
+    caller error, never silently unused."""
     for site in masks:
-        if stages.index(stage_of(site)) < first:
+        index = stages.index(stage_of(site))
+        if index < first:
             raise ValueError(f"mask site {site!r} lies before start stage {start!r}: that stage does not run")
+        if last is not None and index > last:
+            raise ValueError(f"mask site {site!r} lies after stop stage {stop!r}: that stage does not run")
 
 
 def apply_unit_mask(x: Array, mask: Array | None) -> Array:

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from vitsparse_jax.models import base
-from vitsparse_jax.models.layers import torch_batch_norm
+from vitsparse_jax.models.layers import max_pool, torch_batch_norm
 
 Array = jax.Array
 
@@ -136,13 +136,15 @@ class ResNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, *, masks: Mapping[str, Array] | None = None, capture: tuple[str, ...] = (),
-                 start: str | None = None, renormalize: bool = False) -> tuple[Array, dict[str, Array]]:
+                 start: str | None = None, stop: str | None = None, renormalize: bool = False
+                 ) -> tuple[Array, dict[str, Array]]:
         del renormalize  # attention-only switch
         info = self.info()
         masks = base.check_masks(masks, info.mask_sites)
         first = base.check_start(start, info.stages)
+        last = base.check_stop(stop, info.stages, first)
         base.check_masks_run(masks, lambda site: "stem" if site == "act1" else site.rsplit(".", 1)[0],
-                             info.stages, first, start)
+                             info.stages, first, start, last, stop)
 
         found: dict[str, Array] = {}
         if first == 0:
@@ -152,10 +154,10 @@ class ResNet(nn.Module):
             x = torch_batch_norm(self.train, self.dtype, name="bn1")(x)
             x = found["act1"] = base.apply_unit_mask(nn.relu(x), masks.get("act1"))
             if self.stem_pool:
-                x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+                x = max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
             found["stem"] = x
         for name, planes, stride, downsample in self.blocks():
-            if info.stages.index(name) < first:
+            if not first <= info.stages.index(name) <= last:
                 continue
             block_masks = {k[len(name) + 1:]: v for k, v in masks.items() if k.startswith(name + ".")}
             x, acts = Block(planes, stride, self.bottleneck, downsample, zero_init_last=self.zero_init_last,
@@ -163,6 +165,8 @@ class ResNet(nn.Module):
                             name=name.replace(".", "_"))(x, block_masks)
             found.update({f"{name}.{a}": v for a, v in acts.items()})
             found[name] = x
+        if last < len(info.stages) - 1:  # `stop` before head: the output of stage `stop`
+            return x, base.select_captures(found, capture, info.capture_names)
         x = found["pre_logits"] = jnp.mean(x, axis=(1, 2))  # timm global avg pool (drop_rate 0)
         if self.num_classes > 0:
             bound = 1.0 / math.sqrt(x.shape[-1])

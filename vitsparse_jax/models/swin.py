@@ -307,9 +307,10 @@ class SwinStage(nn.Module):
     precision: Any = base.DEFAULT_PRECISION
 
     @nn.compact
-    def __call__(self, x: Array, first: int, keeps: Mapping[int, Array], renormalize: bool
-                 ) -> tuple[Array, dict[str, Array]]:
-        """`first` indexes this stage's units (downsample if any, then blocks); names are stage-local."""
+    def __call__(self, x: Array, first: int, keeps: Mapping[int, Array], renormalize: bool,
+                 last: int | None = None) -> tuple[Array, dict[str, Array]]:
+        """Runs units `first` ... `last` (inclusive; None = to the end) of this stage, indexed over its units
+        (downsample if any, then blocks); names are stage-local."""
         found = {}
         offset = int(self.downsample)
         if self.downsample and first == 0:
@@ -318,6 +319,8 @@ class SwinStage(nn.Module):
         for b, geom in enumerate(self.geoms):
             if b + offset < first:
                 continue
+            if last is not None and b + offset > last:
+                break
             x, parts = SwinBlock(self.dim, self.num_heads, geom, self.mlp_ratio, self.dtype, self.precision,
                                  name=f"blocks_{b}")(x, keeps.get(b), renormalize)
             found.update({f"blocks.{b}.{k}": v for k, v in parts.items()})
@@ -393,11 +396,13 @@ class SwinTransformer(nn.Module):
     # ---- forward ----
     @nn.compact
     def __call__(self, x: Array, *, masks: Mapping[str, Array] | None = None, capture: tuple[str, ...] = (),
-                 start: str | None = None, renormalize: bool = False) -> tuple[Array, dict[str, Array]]:
+                 start: str | None = None, stop: str | None = None, renormalize: bool = False
+                 ) -> tuple[Array, dict[str, Array]]:
         info = self.info()
         begin = base.check_start(start, info.stages)
+        end = base.check_stop(stop, info.stages, begin)
         masks = base.check_masks(masks, info.mask_sites)
-        base.check_masks_run(masks, lambda site: site.removesuffix(".attn"), info.stages, begin, start)
+        base.check_masks_run(masks, lambda site: site.removesuffix(".attn"), info.stages, begin, start, end, stop)
         base.select_captures({}, capture, info.capture_names)  # fail on a bad pattern before computing
         if x.ndim != 4 or tuple(x.shape[1:]) != self._input_shape(begin):
             raise ValueError(f"{self.arch}: input of stage {info.stages[begin]!r} must be (B, "
@@ -418,6 +423,8 @@ class SwinTransformer(nn.Module):
             # position of `start` among this stage's units (downsample if s > 0, then blocks)
             stage_begin = info.stages.index(f"layers.{s}.downsample" if s else "layers.0.blocks.0")
             local_first = max(0, begin - stage_begin)
+            if end < stage_begin:
+                break  # this stage and the next ones lie after `stop`
             if local_first >= depth + (s > 0):
                 continue  # the whole stage lies before `start`
             keeps = {}
@@ -426,8 +433,11 @@ class SwinTransformer(nn.Module):
                 if keep is not None:
                     keeps[b] = jnp.broadcast_to(jnp.asarray(keep, jnp.float32), (x.shape[0], keep.shape[1]))
             x, parts = SwinStage(dims[s], self.num_heads[s], geoms[s], s > 0, self.mlp_ratio, self.dtype,
-                                 self.precision, name=f"layers_{s}")(x, local_first, keeps, renormalize)
+                                 self.precision, name=f"layers_{s}")(x, local_first, keeps, renormalize,
+                                                                     end - stage_begin)
             found.update({f"layers.{s}.{k}": v for k, v in parts.items()})
+        if end < len(info.stages) - 1:  # `stop` before head: the output of stage `stop`
+            return x, base.select_captures(found, capture, info.capture_names)
 
         x = _layer_norm("norm", self.dtype)(x)
         found["norm"] = x

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vitsparse_jax.models import base
-from vitsparse_jax.models.layers import torch_batch_norm
+from vitsparse_jax.models.layers import max_pool, torch_batch_norm
 
 Array = jax.Array
 
@@ -131,13 +131,15 @@ class VGG(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, *, masks: Mapping[str, Array] | None = None, capture: tuple[str, ...] = (),
-                 start: str | None = None, renormalize: bool = False) -> tuple[Array, dict[str, Array]]:
+                 start: str | None = None, stop: str | None = None, renormalize: bool = False
+                 ) -> tuple[Array, dict[str, Array]]:
         del renormalize  # attention-only switch
         info = self.info()
         masks = base.check_masks(masks, info.mask_sites)
         first = base.check_start(start, info.stages)
+        last = base.check_stop(stop, info.stages, first)
         base.check_masks_run(masks, lambda site: site if site.startswith("features.") else "pre_logits",
-                             info.stages, first, start)
+                             info.stages, first, start, last, stop)
 
         conv = functools.partial(nn.Conv, kernel_size=(3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
                                  precision=self.precision, kernel_init=CONV_INIT)
@@ -148,6 +150,8 @@ class VGG(nn.Module):
             width = next(channels) if kind == "conv" else None  # advance even for skipped layers
             if i < first:  # stage features.{i} is stages[i]
                 continue
+            if i > last:
+                break
             if kind == "conv":
                 x = conv(width, name=f"features_{i}")(x)
             elif kind == "bn":
@@ -155,16 +159,19 @@ class VGG(nn.Module):
             elif kind == "relu":
                 x = base.apply_unit_mask(nn.relu(x), masks.get(name))
             else:
-                x = nn.max_pool(x, (2, 2), strides=(2, 2))
+                x = max_pool(x, (2, 2), (2, 2))
             found[name] = x
 
-        if first <= info.stages.index("pre_logits"):
+        pre_logits = info.stages.index("pre_logits")
+        if first <= pre_logits <= last:
             head_masks = {k.split(".")[1]: v for k, v in masks.items() if k.startswith("pre_logits.")}
             x, acts = ConvMlp(self.head_hidden, self.pre_logits_kernel, dtype=self.dtype,
                               precision=self.precision, name="pre_logits")(x, head_masks)
             found.update({f"pre_logits.{k}": v for k, v in acts.items()})
             x = jnp.mean(x, axis=(1, 2))  # timm ClassifierHead global avg pool
             found["pre_logits"] = x
+        if last < len(info.stages) - 1:  # `stop` before head: the output of stage `stop`
+            return x, base.select_captures(found, capture, info.capture_names)
         out = ClassifierHead(self.num_classes, dtype=self.dtype, precision=self.precision, name="head")(x)
         return out, base.select_captures(found, capture, info.capture_names)
 

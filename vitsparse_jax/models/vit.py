@@ -176,16 +176,21 @@ class VisionTransformer(nn.Module):
                 self.head_dist = head()
 
     def __call__(self, x: Array, *, masks: Mapping[str, Array] | None = None, capture: tuple[str, ...] = (),
-                 start: str | None = None, renormalize: bool = False) -> tuple[Array, dict[str, Array]]:
+                 start: str | None = None, stop: str | None = None, renormalize: bool = False
+                 ) -> tuple[Array, dict[str, Array]]:
         """Images (B, H, W, 3), or the input of stage `start`, -> (logits or pooled features, captures).
 
-        A mask of a block before `start` is an error (that block does not run).
+        With `stop`, the run ends after that stage and returns its output (the input of the next stage)
+        instead of the logits. A mask of a block before `start` or after `stop` is an error (that block
+        does not run).
         """
         valid = self.capture_names()
         base.select_captures({}, capture, valid)   # validates the patterns before any compute
         masks = base.check_masks(masks, tuple(f"blocks.{l}.attn" for l in range(self.depth)))
-        first = base.check_start(start, self.stage_names())   # 0 = embed, 1 + l = blocks.l, depth + 1 = head
-        base.check_masks_run(masks, lambda site: site.removesuffix(".attn"), self.stage_names(), first, start)
+        stages = self.stage_names()
+        first = base.check_start(start, stages)   # 0 = embed, 1 + l = blocks.l, depth + 1 = head
+        last = base.check_stop(stop, stages, first)
+        base.check_masks_run(masks, lambda site: site.removesuffix(".attn"), stages, first, start, last, stop)
         wanted = lambda name: any(fnmatch.fnmatchcase(name, p) for p in capture)  # noqa: E731
         found: dict[str, Array] = {}
 
@@ -196,11 +201,13 @@ class VisionTransformer(nn.Module):
         if first == 0:
             x = self.embed(x)
             keep("embed", x)
-        for l in range(max(first - 1, 0), self.depth):
+        for l in range(max(first - 1, 0), min(last, self.depth)):   # block l is stage 1 + l
             x, parts = self.blocks[l](x, masks.get(f"blocks.{l}.attn"), renormalize)
             for key, value in parts.items():
                 keep(f"blocks.{l}.{key}", value)
             keep(f"blocks.{l}", x)
+        if last <= self.depth:   # `stop` before head: the output of stage `stop`
+            return x, base.select_captures(found, capture, valid)
         x = self.norm(x)
         keep("norm", x)
         if self.distilled:
