@@ -29,8 +29,10 @@ if str(REPO) not in sys.path:   # run as `python benchmarks/x.py` from a checkou
     sys.path.insert(0, str(REPO))
 
 # Before any jax computation: the package's XLA:CPU flags (vitsparse_jax/xla_cpu_flags.py) apply to both the
-# project and jax-only baselines such as the matmul peak; XLA_FLAGS, as in effect, is recorded per figure.
-import vitsparse_jax  # noqa: F401
+# project and jax-only baselines such as the matmul peak; XLA_FLAGS, as in effect, is recorded per figure,
+# and the command line shows only what the user set.
+USER_XLA_FLAGS = os.environ.get("XLA_FLAGS", "")
+import vitsparse_jax  # noqa: E402,F401
 
 # Pause between timed runs, so that the spinning worker threads of the framework that ran last (OpenMP in
 # torch, Eigen in XLA:CPU) have gone to sleep before the other framework starts its run.
@@ -116,12 +118,13 @@ def device_label(info: Mapping[str, Any]) -> str:
 
 def versions_label(info: Mapping[str, Any]) -> str:
     return (f"jax {info['jax']}, flax {info['flax']}, torch {info['torch']}, timm {info['timm']}, "
-            f"python {info['python']}")
+            f"python {info['python']}; XLA_FLAGS in effect: {info['xla_flags'] or '(none)'}")
 
 
 def command_line() -> str:
-    """The command as run, with XLA_FLAGS in front when set (it changes XLA's code generation)."""
-    flags = os.environ.get("XLA_FLAGS", "")
+    """The command as typed, with XLA_FLAGS in front when the user set it (it changes XLA's code generation;
+    what the package adds on import is in the record's `xla_flags`)."""
+    flags = USER_XLA_FLAGS
     prefix = f"XLA_FLAGS={shlex.quote(flags)} " if flags else ""
     return prefix + "python " + " ".join(shlex.quote(a) for a in sys.argv)
 
