@@ -22,6 +22,8 @@ import pytest
 torch = pytest.importorskip("torch")
 timm = pytest.importorskip("timm")
 
+from tests.timm_perturb import perturb  # noqa: E402
+
 from checkpoints_convert import convert_timm_module  # noqa: E402
 from vitsparse_jax import ablation, ablation_units as au, models  # noqa: E402
 
@@ -34,32 +36,6 @@ SWIN = dict(img_size=64, embed_dim=16, depths=(1, 1, 2, 2), num_heads=(1, 1, 2, 
 def rel_err(out, ref) -> float:
     out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
     return float(np.abs(out - ref).max() / np.abs(ref).max())
-
-
-def perturb(tm: "torch.nn.Module") -> "torch.nn.Module":
-    """Away from timm's init: LayerNorm/BatchNorm affine and statistics, biases, and q/k weights large enough
-    for peaked attention, so that mu and the l1 scores spread out (no near-ties in the rankings)."""
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in tm.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.2 * noise)
-            elif name.endswith("bias") or name.endswith("_token"):
-                p.copy_(0.05 * noise)
-            elif "qkv" in name and name.endswith("weight"):
-                p.copy_((1.5 / p.shape[1]) ** 0.5 * noise)
-            elif "relative_position_bias_table" in name:
-                p.copy_(0.5 * noise)
-        for m in tm.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5, generator=gen)
-                m.bias.normal_(0.0, 0.1, generator=gen)
-                m.running_mean.normal_(0.0, 0.1, generator=gen)
-                m.running_var.uniform_(0.5, 1.5, generator=gen)
-            if hasattr(m, "fused_attn"):
-                m.fused_attn = False
-    return tm.eval()
 
 
 # --- timm models with our module and the hook point of each ablation site ----------------------------------

@@ -1,6 +1,6 @@
 """Flax ViT / DeiT against timm with random weights: logits, attention maps, intermediates, masks, stages.
 
-Weights: timm's random init, then perturbed (`stress`) so that every parameter matters and attention is peaked.
+Weights: timm's random init, then perturbed (`tests/timm_perturb.py`) so that every parameter matters and attention is peaked.
 
 Tolerances (float32, HIGHEST precision, timm's fused attention off):
   logits and every (B, N, D) intermediate: max|diff| / max|ref| <= 1e-5
@@ -18,6 +18,7 @@ torch = pytest.importorskip("torch")
 timm = pytest.importorskip("timm")
 
 from checkpoints_convert import convert_timm_module  # noqa: E402
+from tests.timm_perturb import perturb  # noqa: E402
 from vitsparse_jax import models  # noqa: E402
 from vitsparse_jax.models import vit  # noqa: E402
 
@@ -39,26 +40,7 @@ def make_timm(name: str, **kw):
         model = timm.models.vision_transformer.VisionTransformer(**{**PICO, **kw})
     else:
         model = timm.create_model(name, pretrained=False, **kw)
-    for blk in model.blocks:
-        blk.attn.fused_attn = False
-    return stress(model).eval()
-
-
-def stress(model, seed: int = 0):
-    """Moves timm's init away from its special values, so that the test sees every parameter: LayerNorm
-    scales != 1, non-zero biases and tokens, and q/k weights large enough for peaked attention maps
-    (attention logits of std ~1.5 at any width, like trained models rather than timm's near-uniform init)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.2 * noise)
-            elif name.endswith("bias") or name.endswith("_token"):
-                p.copy_(0.05 * noise)
-            elif "qkv" in name and name.endswith("weight"):
-                p.copy_((1.5 / p.shape[1]) ** 0.5 * noise)
-    return model
+    return perturb(model)
 
 
 def make_pair(name: str, **kw):
