@@ -269,13 +269,10 @@ def main() -> None:
     parser.add_argument("--agreement", type=int, default=0, help="also compare bf16 with fp32 outcomes (1/0)")
     bc.add_common_args(parser)
     args = parser.parse_args()
-    info = bc.machine()
-    bc.check_same_device_kind()
-    print(f"command: {bc.command_line()}\ndevice: {bc.device_label(info)}; {bc.versions_label(info)}")
-    print(bc.md_row(["model", "dtype", "batch", "cells", "project img/s", "reference img/s", "project / reference",
-                     "50k images, project (extrap.)", "50k images, reference (extrap.)", "FLOP ratio ref/project",
-                     "load avg"]))
-    print(bc.md_row(["---"] * 11))
+    info = bc.start()
+    bc.print_table_head(["model", "dtype", "batch", "cells", "project img/s", "reference img/s", "project / reference",
+                         "50k images, project (extrap.)", "50k images, reference (extrap.)", "FLOP ratio ref/project",
+                         "load avg"])
     for name in args.models.split(","):
         measure(name.strip(), args, info)
 

@@ -95,12 +95,9 @@ def main() -> None:
     parser.add_argument("--share_weights", type=int, default=1)
     bc.add_common_args(parser)
     args = parser.parse_args()
-    info = bc.machine()
-    bc.check_same_device_kind()
-    print(f"command: {bc.command_line()}\ndevice: {bc.device_label(info)}; {bc.versions_label(info)}")
-    print(bc.md_row(["model", "dtype", "batch", "maps", "MiB of maps / image", "project img/s",
-                     "timm + hooks img/s", "project / timm", "load avg"]))
-    print(bc.md_row(["---"] * 9))
+    info = bc.start()
+    bc.print_table_head(["model", "dtype", "batch", "maps", "MiB of maps / image", "project img/s",
+                         "timm + hooks img/s", "project / timm", "load avg"])
     for name in args.models.split(","):
         for dtype in args.dtypes.split(","):
             measure(name.strip(), dtype.strip(), args, info)

@@ -404,6 +404,21 @@ def md_row(cells: Sequence[Any]) -> str:
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
+def start(with_torch: bool = True, extra: str = "") -> dict[str, Any]:
+    """Machine facts; checks that jax and torch use the same device kind (`with_torch`); prints the command,
+    the device and the versions (+ `extra`). Every script begins with this."""
+    info = machine()
+    if with_torch:
+        check_same_device_kind()
+    print(f"command: {command_line()}\ndevice: {device_label(info)}; {versions_label(info)}{extra}")
+    return info
+
+
+def print_table_head(columns: Sequence[str]) -> None:
+    print(md_row(columns))
+    print(md_row(["---"] * len(columns)))
+
+
 def fmt_rate(x: float) -> str:
     return f"{x:.3g}" if x < 100 else f"{x:.0f}"
 

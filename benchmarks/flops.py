@@ -108,17 +108,13 @@ def main() -> None:
     parser.add_argument("--sizes", default="1024,2048", help="square matmul sizes for the peak")
     bc.add_common_args(parser, runs=5)
     args = parser.parse_args()
-    info = bc.machine()
-    bc.check_same_device_kind()
-    print(f"command: {bc.command_line()}\ndevice: {bc.device_label(info)}; {bc.versions_label(info)}")
-    print(bc.md_row(["matmul", "dtype", "framework", "GFLOP/s", "load avg"]))
-    print(bc.md_row(["---"] * 5))
+    info = bc.start()
+    bc.print_table_head(["matmul", "dtype", "framework", "GFLOP/s", "load avg"])
     rates = matmul_peak(args, info)
     peak = max(v for (k, dt, n), v in rates.items() if dt == args.dtype)
     print(f"\nmeasured {args.dtype} matmul peak: {peak / 1e9:.1f} GFLOP/s (best of the runs above)\n")
-    print(bc.md_row(["model", "dtype", "batch", "GFLOP / image (counted)", "XLA cost analysis", "closed form",
-                     "project GFLOP/s", "project % of peak", "timm eager GFLOP/s", "timm % of peak", "load avg"]))
-    print(bc.md_row(["---"] * 11))
+    bc.print_table_head(["model", "dtype", "batch", "GFLOP / image (counted)", "XLA cost analysis", "closed form",
+                         "project GFLOP/s", "project % of peak", "timm eager GFLOP/s", "timm % of peak", "load avg"])
     for name in args.models.split(","):
         model_flops(name.strip(), peak, args, info)
 

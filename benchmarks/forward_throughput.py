@@ -102,12 +102,9 @@ def main() -> None:
                         help="convert the timm weights for the project (parity check) (1/0)")
     bc.add_common_args(parser)
     args = parser.parse_args()
-    info = bc.machine()
-    bc.check_same_device_kind()
-    print(f"command: {bc.command_line()}\ndevice: {bc.device_label(info)}; {bc.versions_label(info)}")
-    print(bc.md_row(["model", "dtype", "batch", "project img/s", "timm eager img/s", "torch.compile img/s",
-                     "project / eager", "project / compile", "load avg"]))
-    print(bc.md_row(["---"] * 9))
+    info = bc.start()
+    bc.print_table_head(["model", "dtype", "batch", "project img/s", "timm eager img/s", "torch.compile img/s",
+                         "project / eager", "project / compile", "load avg"])
     for name in args.models.split(","):
         for dtype in args.dtypes.split(","):
             measure(name.strip(), dtype.strip(), args, info)

@@ -106,13 +106,11 @@ def jax_profile(fn, args, iters: int, top: int) -> None:
         print(f"XLA cost analysis: {cost.get('flops', 0) / 1e9:.1f} GFLOP, "
               f"{cost.get('bytes accessed', 0) / 2**30:.2f} GiB accessed per call "
               f"(XLA counts the body of a while loop once)")
-    print(bc.md_row(["category", "ms per call", "share"]))
-    print(bc.md_row(["---"] * 3))
+    bc.print_table_head(["category", "ms per call", "share"])
     for kind, ms in sorted(by_kind.items(), key=lambda kv: -kv[1]):
         print(bc.md_row([kind, f"{ms / iters:.1f}", f"{100 * ms / total:.1f}%"]))
     print()
-    print(bc.md_row(["HLO instruction", "category", "jax op (op_name)", "ms per call", "share"]))
-    print(bc.md_row(["---"] * 5))
+    bc.print_table_head(["HLO instruction", "category", "jax op (op_name)", "ms per call", "share"])
     for name, ms in sorted(per_name.items(), key=lambda kv: -kv[1])[:top]:
         ins = instrs.get(name, {})
         op = ins.get("op_name", "")
@@ -131,8 +129,7 @@ def torch_profile(fn, iters: int, top: int) -> None:
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events) or 1.0
     print(f"\ntorch: {iters} call(s); self CPU time {total / 1e3 / iters:.0f} ms per call (summed over threads)")
-    print(bc.md_row(["torch op", "calls per call", "self ms per call", "share"]))
-    print(bc.md_row(["---"] * 4))
+    bc.print_table_head(["torch op", "calls per call", "self ms per call", "share"])
     for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]:
         print(bc.md_row([e.key, e.count // iters, f"{e.self_cpu_time_total / 1e3 / iters:.1f}",
                          f"{100 * e.self_cpu_time_total / total:.1f}%"]))
@@ -220,9 +217,7 @@ def main() -> None:
     parser.add_argument("--torch", type=int, default=1, help="also profile the torch peer (1/0)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    info = bc.machine()
-    print(f"command: {bc.command_line()}\ndevice: {bc.device_label(info)}; {bc.versions_label(info)}; "
-          f"load avg {bc.loadavg():.1f}")
+    bc.start(with_torch=False, extra=f"; load avg {bc.loadavg():.1f}")
     fn, jargs, tfn = build(args)
     jax_profile(fn, jargs, args.iters, args.top)
     if args.torch:

@@ -67,9 +67,7 @@ def main() -> None:
     parser.add_argument("--share_weights", type=int, default=1)
     bc.add_common_args(parser)
     args = parser.parse_args()
-    info = bc.machine()
-    bc.check_same_device_kind()
-    print(f"command: {bc.command_line()}\ndevice: {bc.device_label(info)}; {bc.versions_label(info)}")
+    info = bc.start()
 
     import jax
     import jax.numpy as jnp
@@ -109,9 +107,8 @@ def main() -> None:
     flops = bc.count_flops(fn, variables, x_jax, weight) / b
     fwd_flops = bc.count_flops(lambda v, x: module.apply(v, x)[0], variables, x_jax) / b
     p, t = timed["project"], timed["torch_loop"]
-    print(bc.md_row(["model", "layers", "batch", "chunk", "project img/s", "torch loop img/s", "project / torch",
-                     "max rel. diff of maps", "load avg"]))
-    print(bc.md_row(["---"] * 9))
+    bc.print_table_head(["model", "layers", "batch", "chunk", "project img/s", "torch loop img/s", "project / torch",
+                         "max rel. diff of maps", "load avg"])
     print(bc.md_row([args.model, len(layers), b, args.chunk_size, f"{p.rate:.3g}", f"{t.rate:.3g}",
                      f"{p.rate / t.rate:.2f}x", f"{max(errs):.1e}" if shared is not None else "n/a",
                      bc.load_label(loads)]), flush=True)

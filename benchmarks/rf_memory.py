@@ -25,16 +25,14 @@ def main() -> None:
     parser.add_argument("--fraction", type=float, default=1.0 / 7.0)
     parser.add_argument("--json", default="", help="append one JSON record per row to this file")
     args = parser.parse_args()
-    info = bc.machine()
-    print(f"command: {bc.command_line()}\ndevice: {bc.device_label(info)}; {bc.versions_label(info)}")
+    info = bc.start(with_torch=False)
 
     import jax
     import jax.numpy as jnp
 
     from vitsparse_jax import receptive_field as rf
 
-    print(bc.md_row(["model (layers)", "batch", "chunk_size", "temporary GiB", "arguments GiB", "output GiB"]))
-    print(bc.md_row(["---"] * 6))
+    bc.print_table_head(["model (layers)", "batch", "chunk_size", "temporary GiB", "arguments GiB", "output GiB"])
     for name in args.models.split(","):
         module, variables = bc.flax_model(name.strip())
         minfo = module.info()

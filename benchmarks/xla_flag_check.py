@@ -87,11 +87,9 @@ def main() -> None:
     if args.child:
         child(args)
         return
-    info = bc.machine()
-    print(f"command: {bc.command_line()}\ndevice: {bc.device_label(info)}; {bc.versions_label(info)}")
-    print(bc.md_row(["program", "batch", "default img/s", f"`XLA_FLAGS={args.flags}` img/s", "flag / default",
-                     "first call default / flag (s)", "load"]))
-    print(bc.md_row(["---"] * 7))
+    info = bc.start(with_torch=False)
+    bc.print_table_head(["program", "batch", "default img/s", f"`XLA_FLAGS={args.flags}` img/s", "flag / default",
+                         "first call default / flag (s)", "load"])
     jobs = [("forward", m.strip()) for m in args.models.split(",")]
     if args.ablation:
         jobs.append(("ablation_step", "vit_base_patch16_224"))
