@@ -7,7 +7,7 @@ Grid: p in {5, 10, 20, 30}%, n in {1, 2, 3}, the top set + 3 random draws = 48 a
 pass that gives A0 and the ranking (whole-layer reference off, as in SPEC's grid; --whole_layer 1 adds the
 3 whole-layer cells to both sides).
 
-- project: `vitsparse_jax.ablation.Evaluator` -- the jitted per-batch step of the experiment: clean pass with
+- project: `vitsparse_jax.experiments.ablation.run.Evaluator` -- the jitted per-batch step of the experiment: clean pass with
   captures, ranking, masks, then per n only the last stages re-run, vmapped over the 16 variants of each n.
 - reference ("published procedure", re-implemented here with timm + hooks, batched over images): one clean
   forward with a hook capturing the ranking input, then for EVERY (n, p, top/draw) cell a full forward of
@@ -148,7 +148,9 @@ def measure(name: str, args: argparse.Namespace, info: dict) -> dict:
     import numpy as np
     import torch
 
-    from vitsparse_jax import ablation, ablation_units, data
+    from vitsparse_jax import data
+    from vitsparse_jax.experiments.ablation import run as ablation
+    from vitsparse_jax.experiments.ablation import units as ablation_units
 
     device = bc.torch_device()
     dtype = args.dtype
@@ -241,7 +243,8 @@ def bf16_agreement(module, name: str, variables, plan, cfg, batch, args) -> dict
     import jax
     import numpy as np
 
-    from vitsparse_jax import ablation, models
+    from vitsparse_jax import models
+    from vitsparse_jax.experiments.ablation import run as ablation
 
     fp32 = jax.device_get(ablation.Evaluator(module, variables, plan, cfg, seed=args.seed)(batch))
     bf_module = models.create_model(name, dtype=bc.jax_dtype("bfloat16"))

@@ -22,7 +22,8 @@ import jax
 import numpy as np
 from PIL import Image
 
-from vitsparse_jax import data, parallel
+from vitsparse_jax import data
+from vitsparse_jax.runtime import parallel
 
 VIT_CFG = {"input_size": (3, 224, 224), "crop_pct": 0.9, "interpolation": "bicubic", "num_classes": 1000}
 

@@ -177,7 +177,8 @@ def build(args):
     if args.program == "ablation":
         from ablation_grid import Reference
 
-        from vitsparse_jax import ablation, ablation_units
+        from vitsparse_jax.experiments.ablation import run as ablation
+        from vitsparse_jax.experiments.ablation import units as ablation_units
 
         cfg = dict(info.default_cfg)
         plan = ablation_units.make_plan(module, ps=(0.05, 0.1, 0.2, 0.3), ns=(1, 2, 3), draws=3, whole_layer=False)
@@ -195,7 +196,7 @@ def build(args):
     if args.program == "rf":
         from receptive_fields import torch_program
 
-        from vitsparse_jax import receptive_field as rf
+        from vitsparse_jax.experiments.receptive_field import run as rf
 
         names = rf.select_layers(info, [])
         layers = tuple(rf.layer_specs(module, variables, info, names, 1.0 / 7.0, (info.img_size, info.img_size)))

@@ -74,7 +74,7 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from vitsparse_jax import receptive_field as rf
+    from vitsparse_jax.experiments.receptive_field import run as rf
 
     device = bc.torch_device()
     model = bc.timm_model(args.model, device)

@@ -30,7 +30,7 @@ def main() -> None:
     import jax
     import jax.numpy as jnp
 
-    from vitsparse_jax import receptive_field as rf
+    from vitsparse_jax.experiments.receptive_field import run as rf
 
     bc.print_table_head(["model (layers)", "batch", "chunk_size", "temporary GiB", "arguments GiB", "output GiB"])
     for name in args.models.split(","):

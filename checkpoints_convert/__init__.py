@@ -4,9 +4,20 @@
 
 Needs torch (and timm for live modules / timm's registry cfgs); loading the result needs neither.
 """
-from checkpoints_convert.convert import (CFG_KEYS, CheckpointError, build_module, clean_cfg, convert,
-                                         convert_state_dict, convert_timm_module, download_from_hub,
-                                         hub_repo_id, load_state_dict_file, resolve_cfg, state_dict_to_numpy)
+from checkpoints_convert.convert import (
+                                         CFG_KEYS,
+                                         CheckpointError,
+                                         build_module,
+                                         clean_cfg,
+                                         convert,
+                                         convert_state_dict,
+                                         convert_timm_module,
+                                         download_from_hub,
+                                         hub_repo_id,
+                                         load_state_dict_file,
+                                         resolve_cfg,
+                                         state_dict_to_numpy,
+)
 
 __all__ = ["CFG_KEYS", "CheckpointError", "build_module", "clean_cfg", "convert", "convert_state_dict",
            "convert_timm_module", "download_from_hub", "hub_repo_id", "load_state_dict_file", "resolve_cfg",

@@ -15,8 +15,9 @@ from typing import Any, Mapping
 import flax.linen as nn
 import numpy as np
 
-from vitsparse_jax import checkpoint, models
-from vitsparse_jax.checkpoint import CheckpointError
+from vitsparse_jax import models
+from vitsparse_jax.weights import checkpoint
+from vitsparse_jax.weights.checkpoint import CheckpointError
 
 # The pretrained_cfg fields kept in the JSON (timm's names).
 CFG_KEYS = ("tag", "input_size", "crop_pct", "crop_mode", "interpolation", "mean", "std", "num_classes")
@@ -48,7 +49,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, np.ndarray]:
     """A timm state dict from .safetensors, or from .pth/.pt/.bin via torch.load(weights_only=True)."""
     path = Path(path)
     if path.suffix == ".safetensors":
-        import safetensors.torch   # torch-backed: reads bfloat16 / float16 too
+        import safetensors.torch  # torch-backed: reads bfloat16 / float16 too
 
         sd = safetensors.torch.load_file(str(path))
     elif path.suffix in (".pth", ".pt", ".bin"):

@@ -10,8 +10,8 @@ import re
 import numpy as np
 from flax import traverse_util
 
-from vitsparse_jax.checkpoint import CheckpointError
 from vitsparse_jax.models import variable_shapes
+from vitsparse_jax.weights.checkpoint import CheckpointError
 
 # Non-persistent buffers that some checkpoints still carry; recomputed by the model, never parameters.
 BUFFERS = ("relative_position_index", "attn_mask")

@@ -5,8 +5,8 @@ import flax.linen as nn
 import numpy as np
 
 from vitsparse_jax import models
-from vitsparse_jax.checkpoint import CheckpointError, check_tensors, flatten
 from vitsparse_jax.models.vgg import feature_layers
+from vitsparse_jax.weights.checkpoint import CheckpointError, check_tensors, flatten
 
 # torch parameter name -> (flax collection, flax name), per kind of torch module
 NAMES = {

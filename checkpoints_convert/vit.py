@@ -12,7 +12,7 @@ import flax.linen as nn
 import numpy as np
 
 from vitsparse_jax import models
-from vitsparse_jax.checkpoint import CheckpointError, flatten
+from vitsparse_jax.weights.checkpoint import CheckpointError, flatten
 
 
 def timm_key(flax_path: str) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from vitsparse_jax.config_defaults import base_config
+from vitsparse_jax.runtime.config_defaults import base_config
 
 # The paper's models with the pinned pretrained tags of SPEC section 1 (Table 1: Transformers, Table 2: CNNs).
 PAPER_MODELS = (

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from vitsparse_jax.config_defaults import base_config
+from vitsparse_jax.runtime.config_defaults import base_config
 
 # Paper 2's models (SPEC section 1): ViT-B 21k, DINO ViT-S/16 and ViT-B/16, ResNet50, VGG16.
 PAPER_MODELS = ("vit_base_patch16_224.augreg_in21k", "vit_small_patch16_224.dino", "vit_base_patch16_224.dino",

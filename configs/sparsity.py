@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from vitsparse_jax.config_defaults import BUILTIN_CNN, base_config
+from vitsparse_jax.runtime.config_defaults import BUILTIN_CNN, base_config
 
 PRESETS = ("default", "vgg", "paper", "paper_quirk")
 

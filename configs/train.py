@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from vitsparse_jax.config_defaults import BUILTIN_CNN, BUILTIN_VIT, base_config
+from vitsparse_jax.runtime.config_defaults import BUILTIN_CNN, BUILTIN_VIT, base_config
 
 # preset -> (model, overrides of config.train). The digits recipes train the shipped checkpoints.
 PRESETS: dict[str, tuple[str, dict]] = {

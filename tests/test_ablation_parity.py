@@ -22,10 +22,11 @@ import pytest
 torch = pytest.importorskip("torch")
 timm = pytest.importorskip("timm")
 
-from tests.timm_perturb import perturb  # noqa: E402
-
 from checkpoints_convert import convert_timm_module  # noqa: E402
-from vitsparse_jax import ablation, ablation_units as au, models  # noqa: E402
+from tests.timm_perturb import perturb  # noqa: E402
+from vitsparse_jax import models  # noqa: E402
+from vitsparse_jax.experiments.ablation import run as ablation
+from vitsparse_jax.experiments.ablation import units as au
 
 TOL = 1e-5
 BATCH = 2

@@ -12,9 +12,13 @@ import jax
 import numpy as np
 import pytest
 
-from vitsparse_jax import ablation, ablation_report, checkpoint, data, main, models, parallel, resumable
-from vitsparse_jax.checkpoint import CheckpointError
-from vitsparse_jax.workdir import Workdir
+from vitsparse_jax import data, main, models
+from vitsparse_jax.experiments.ablation import report as ablation_report
+from vitsparse_jax.experiments.ablation import run as ablation
+from vitsparse_jax.runtime import parallel, resumable
+from vitsparse_jax.runtime.workdir import Workdir
+from vitsparse_jax.weights import checkpoint
+from vitsparse_jax.weights.checkpoint import CheckpointError
 
 ROOT = Path(__file__).resolve().parents[1]
 VIT = "vit_pico_patch4_32"

@@ -8,7 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vitsparse_jax import ablation, ablation_units as au, models
+from vitsparse_jax import models
+from vitsparse_jax.experiments.ablation import run as ablation
+from vitsparse_jax.experiments.ablation import units as au
 
 PS = (0.05, 0.1, 0.2, 0.3)
 VIT = "vit_pico_patch4_32"

@@ -18,8 +18,9 @@ timm = pytest.importorskip("timm")
 
 import checkpoints_convert  # noqa: E402
 from checkpoints_convert import convert, convert_state_dict, convert_timm_module, load_state_dict_file  # noqa: E402
-from vitsparse_jax import checkpoint, models  # noqa: E402
-from vitsparse_jax.checkpoint import CheckpointError  # noqa: E402
+from vitsparse_jax import models  # noqa: E402
+from vitsparse_jax.weights import checkpoint
+from vitsparse_jax.weights.checkpoint import CheckpointError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 REL_TOL = 1e-5
@@ -180,7 +181,7 @@ def test_load_errors_name_parameter_and_model(pico_ckpt, tmp_path):
 
 
 def test_loading_needs_no_torch(pico_ckpt, tmp_path):
-    """Loading runs with torch and timm made unimportable; vitsparse_jax.checkpoint never imports them."""
+    """Loading runs with torch and timm made unimportable; vitsparse_jax.weights.checkpoint never imports them."""
     module, variables, path = pico_ckpt
     expected = np.asarray(module.apply(variables, jnp.ones((1, 32, 32, 3)))[0])
     code = textwrap.dedent(f"""
@@ -188,7 +189,8 @@ def test_loading_needs_no_torch(pico_ckpt, tmp_path):
         sys.modules["torch"] = None   # any `import torch` now raises ImportError
         sys.modules["timm"] = None
         import jax.numpy as jnp, numpy as np
-        from vitsparse_jax import checkpoint, models
+        from vitsparse_jax import models
+        from vitsparse_jax.weights import checkpoint
         module = models.create_model("vit_pico_patch4_32", depth=2)
         variables, meta = checkpoint.load({str(path)!r}, module)
         np.save({str(tmp_path / "out.npy")!r}, np.asarray(module.apply(variables, jnp.ones((1, 32, 32, 3)))[0]))

@@ -18,7 +18,7 @@ timm = pytest.importorskip("timm")
 from checkpoints_convert import resnet as resnet_convert  # noqa: E402
 from checkpoints_convert import vgg as vgg_convert  # noqa: E402
 from vitsparse_jax import models  # noqa: E402
-from vitsparse_jax.checkpoint import CheckpointError  # noqa: E402
+from vitsparse_jax.weights.checkpoint import CheckpointError  # noqa: E402
 
 LOGIT_TOL = 1e-5
 ACT_TOL = 1e-5
@@ -278,7 +278,7 @@ def test_torchvision_vgg_classifier_names_convert_like_timm():
 
 def test_round_trip_through_converter_and_checkpoint(tmp_path, rng):
     import checkpoints_convert
-    from vitsparse_jax import checkpoint
+    from vitsparse_jax.weights import checkpoint
 
     x = rng.standard_normal((2, 64, 64, 3)).astype(np.float32)
     # a local .pth of a timm ResNet

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from vitsparse_jax import parallel
+from vitsparse_jax.runtime import parallel
 
 
 def test_mesh_spans_every_device_on_the_data_axis():

@@ -12,15 +12,15 @@ import subprocess
 import sys
 import threading
 
+import jax
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 from PIL import Image
 
-import jax
-from jax.sharding import PartitionSpec as P
-
-from vitsparse_jax import data, parallel
+from vitsparse_jax import data
 from vitsparse_jax.data import sources
+from vitsparse_jax.runtime import parallel
 
 CFG = {"input_size": (3, 32, 32), "crop_pct": 0.875, "interpolation": "bicubic", "num_classes": 1000,
        "mean": (0.5, 0.4, 0.3), "std": (0.2, 0.25, 0.3)}

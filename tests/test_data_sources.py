@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vitsparse_jax import data, parallel
-from vitsparse_jax.config_defaults import data_config
+from vitsparse_jax import data
 from vitsparse_jax.data import sources
 from vitsparse_jax.data.imagenet_folder import extract_validation, validation_wnids
+from vitsparse_jax.runtime import parallel
+from vitsparse_jax.runtime.config_defaults import data_config
 
 WNIDS = ["n01440764", "n01443537", "n15075141"]  # imagenet indices 0, 1, 999
 

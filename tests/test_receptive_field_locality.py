@@ -7,9 +7,10 @@ import math
 import numpy as np
 import pytest
 
-from vitsparse_jax import locality, models
-from vitsparse_jax import receptive_field as rf
-from vitsparse_jax import receptive_field_grad as rfg
+from vitsparse_jax import models
+from vitsparse_jax.experiments.receptive_field import grad as rfg
+from vitsparse_jax.experiments.receptive_field import locality
+from vitsparse_jax.experiments.receptive_field import run as rf
 
 
 @pytest.mark.parametrize("grid,expected", [

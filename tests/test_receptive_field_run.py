@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 
 from configs import receptive_field as rf_config
-from vitsparse_jax import checkpoint, data, loading, main, models, parallel
-from vitsparse_jax import receptive_field as rf
-from vitsparse_jax.workdir import Workdir
+from vitsparse_jax import data, main, models
+from vitsparse_jax.experiments.receptive_field import run as rf
+from vitsparse_jax.runtime import parallel
+from vitsparse_jax.runtime.workdir import Workdir
+from vitsparse_jax.weights import checkpoint, loading
 
 ARCH = "vit_pico_patch4_32"
 IMAGES = 6                                  # batches of 4 (4 fake devices): the second batch is padded

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from vitsparse_jax import models
-from vitsparse_jax import receptive_field_grad as rf
+from vitsparse_jax.experiments.receptive_field import grad as rf
 
 SWIN = {"img_size": 64, "embed_dim": 16, "depths": (1, 1, 2, 2), "num_heads": (1, 1, 2, 2), "num_classes": 10,
         "window_size": (2, 2, 2, 2)}

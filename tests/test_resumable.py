@@ -5,8 +5,8 @@ import signal
 import numpy as np
 import pytest
 
-from vitsparse_jax.resumable import Interrupted, run_resumable
-from vitsparse_jax.workdir import Workdir
+from vitsparse_jax.runtime.resumable import Interrupted, run_resumable
+from vitsparse_jax.runtime.workdir import Workdir
 
 TOTAL, BATCH = 10, 3
 

@@ -7,8 +7,11 @@ import numpy as np
 import pytest
 
 from configs import sparsity as sparsity_config
-from vitsparse_jax import data, loading, main, parallel, resumable, sparsity
-from vitsparse_jax.workdir import Workdir
+from vitsparse_jax import data, main
+from vitsparse_jax.experiments.sparsity import run as sparsity
+from vitsparse_jax.runtime import parallel, resumable
+from vitsparse_jax.runtime.workdir import Workdir
+from vitsparse_jax.weights import loading
 
 IMAGES = 12
 ATTENTION_FIGURES = ("fig1_example_attention", "fig2a_corr_heads", "fig2b_corr_layers", "fig3a_nu_density_last",

@@ -3,7 +3,7 @@ import jax
 import numpy as np
 import pytest
 
-from vitsparse_jax import sparsity_stats as st
+from vitsparse_jax.experiments.sparsity import stats as st
 
 
 def softmax(x: np.ndarray) -> np.ndarray:

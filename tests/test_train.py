@@ -12,8 +12,11 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from vitsparse_jax import loading, models, resumable, train
-from vitsparse_jax.workdir import Workdir
+from vitsparse_jax import models
+from vitsparse_jax.experiments.train import run as train
+from vitsparse_jax.runtime import resumable
+from vitsparse_jax.runtime.workdir import Workdir
+from vitsparse_jax.weights import loading
 
 ROOT = Path(__file__).resolve().parents[1]
 

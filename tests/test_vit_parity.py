@@ -311,7 +311,7 @@ def test_untrained_init_follows_timm_scheme():
     again = models.init_untrained(module, seed=0)
     other = models.init_untrained(module, seed=1)
     from checkpoints_convert.vit import timm_key
-    from vitsparse_jax.checkpoint import flatten
+    from vitsparse_jax.weights.checkpoint import flatten
     flat, flat_again, flat_other = flatten(variables), flatten(again), flatten(other)
     sd = {k: v.detach().numpy() for k, v in tm.state_dict().items()}
     for path, value in flat.items():

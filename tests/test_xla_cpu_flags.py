@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from vitsparse_jax import xla_cpu_flags
+from vitsparse_jax.runtime import xla_cpu_flags
 
 
 def test_adds_the_flag_after_existing_flags(monkeypatch: pytest.MonkeyPatch) -> None:

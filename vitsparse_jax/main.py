@@ -1,29 +1,23 @@
 """Entry point: python -m vitsparse_jax.main --config=configs/ablate.py [--config.x=y ...]."""
 from __future__ import annotations
 
-import importlib
 import logging
 
 from absl import app
 from ml_collections import config_flags
 
-from vitsparse_jax.workdir import Workdir
+from vitsparse_jax.runtime.workdir import Workdir
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:arg]).",
                                           lock_config=True)
 
-EXPERIMENTS = {
-    "ablate": "vitsparse_jax.ablation",
-    "sparsity": "vitsparse_jax.sparsity",
-    "receptive_field": "vitsparse_jax.receptive_field",
-    "train": "vitsparse_jax.train",
-}
-
 
 def run(config) -> dict:
-    if config.experiment not in EXPERIMENTS:
-        raise ValueError(f"unknown experiment {config.experiment!r}; one of {', '.join(EXPERIMENTS)}")
-    from vitsparse_jax import parallel
+    from vitsparse_jax.experiments import REGISTRY
+
+    if config.experiment not in REGISTRY:
+        raise ValueError(f"unknown experiment {config.experiment!r}; one of {', '.join(REGISTRY)}")
+    from vitsparse_jax.runtime import parallel
 
     parallel.initialize_distributed(**config.distributed)  # before anything touches a device
     import jax
@@ -31,8 +25,7 @@ def run(config) -> dict:
     workdir = Workdir(config.workdir)
     if jax.process_index() == 0:
         workdir.write_metadata(config)
-    experiment = importlib.import_module(EXPERIMENTS[config.experiment])
-    return experiment.run(config, workdir)
+    return REGISTRY[config.experiment](config, workdir)
 
 
 def main(argv: list[str]) -> None:

@@ -11,19 +11,29 @@ from typing import Any, Mapping
 
 from vitsparse_jax.data.cache import CropCache
 from vitsparse_jax.data.pipeline import Batch, ImageLoader, batches, default_num_workers, num_batches
-from vitsparse_jax.data.sources import (DatasetNotPreparedError, DigitsSource, FolderSource, Record, Source,
-                                        Subset, TfdsSource, check_labels, imagenet_wnids, subset)
+from vitsparse_jax.data.sources import (
+    DatasetNotPreparedError,
+    DigitsSource,
+    FolderSource,
+    Record,
+    Source,
+    Subset,
+    TfdsSource,
+    check_labels,
+    imagenet_wnids,
+    subset,
+)
 from vitsparse_jax.data.transforms import EvalTransform, decode_image, normalize
 
 SOURCES = ("digits", "tfds", "folder", "images")
-# `config.data` fields (vitsparse_jax.config_defaults.data_config);
+# `config.data` fields (vitsparse_jax.runtime.config_defaults.data_config);
 # batch_size / num_workers / cache_dir are read by the experiments for `batches`.
 CONFIG_FIELDS = ("source", "name", "split", "data_dir", "manual_dir", "folder", "num_images",
                  "per_class", "every_kth_class", "label_space", "batch_size", "cache_dir", "num_workers")
 
 
 def make_eval_source(cfg: Mapping[str, Any]) -> Source:
-    """The source described by `config.data` (fields: `vitsparse_jax.config_defaults.data_config`), with
+    """The source described by `config.data` (fields: `vitsparse_jax.runtime.config_defaults.data_config`), with
     its subset applied. Empty strings and 0 mean 'not set'; an unknown field is an error."""
     unknown = sorted(set(cfg.keys()) - set(CONFIG_FIELDS))
     if unknown:

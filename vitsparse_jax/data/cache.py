@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from vitsparse_jax.workdir import atomic_write_bytes
+from vitsparse_jax.runtime.workdir import atomic_write_bytes
 
 CACHE_FORMAT = 1
 

@@ -17,10 +17,10 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from vitsparse_jax import parallel
 from vitsparse_jax.data.cache import CropCache
 from vitsparse_jax.data.sources import Source, check_labels
 from vitsparse_jax.data.transforms import EvalTransform, decode_image
+from vitsparse_jax.runtime import parallel
 
 Batch = dict[str, jax.Array]  # image uint8 (B,S,S,3), label int32, index int32, valid bool
 

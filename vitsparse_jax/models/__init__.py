@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 
 from vitsparse_jax.models.base import ModelInfo
 from vitsparse_jax.models.registry import create_model, list_models, split_name

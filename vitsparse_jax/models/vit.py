@@ -8,9 +8,9 @@ from __future__ import annotations
 import fnmatch
 from typing import Any, Callable, Mapping
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 
 from vitsparse_jax.models import base
 from vitsparse_jax.models.base import Array, ModelInfo
@@ -293,7 +293,7 @@ def _make_archs() -> dict[str, dict]:
     cfg = _cfg("fb_in1k", 384, _IMAGENET)
     archs["deit_base_patch16_384"] = _entry(_SIZES["base"], 16, 384, cfg)
     archs["deit_base_distilled_patch16_384"] = _entry(_SIZES["base"], 16, 384, cfg, distilled=True)
-    # The project's own small model for the built-in 32x32 digit images (trained by vitsparse_jax.train).
+    # The project's own small model for the built-in 32x32 digit images (trained by vitsparse_jax.experiments.train.run).
     archs["vit_pico_patch4_32"] = _entry((64, 6, 4), 4, 32, _cfg("builtin", 32, _HALF, 10), mlp_ratio=2.0)
     return archs
 

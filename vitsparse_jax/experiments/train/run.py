@@ -32,8 +32,10 @@ import optax
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from vitsparse_jax import checkpoint, data, loading, parallel, resumable
-from vitsparse_jax.workdir import Workdir, atomic_write_bytes
+from vitsparse_jax import data
+from vitsparse_jax.runtime import parallel, resumable
+from vitsparse_jax.runtime.workdir import Workdir, atomic_write_bytes
+from vitsparse_jax.weights import checkpoint, loading
 
 log = logging.getLogger(__name__)
 Array = jax.Array
@@ -290,7 +292,7 @@ def _describe_training(config: ml_collections.ConfigDict, s: _Setup, step: int,
     """The `source` text of an exported checkpoint: how it was trained, and its held-out accuracy."""
     tc = config.train
     embed = f", x{tc.embed_lr_mult} on pos_embed/cls_token" if tc.embed_lr_mult != 1 else ""
-    return (f"trained by vitsparse_jax.train (configs/train.py) from {s.loaded.weights} on {s.train_source.name} "
+    return (f"trained by vitsparse_jax.experiments.train.run (configs/train.py) from {s.loaded.weights} on {s.train_source.name} "
             f"({len(s.train_source)} images): seed {config.seed}, step {step} of {tc.steps}, batch {tc.batch_size} "
             f"on {jax.device_count()} {jax.default_backend()} device(s), AdamW lr {tc.lr} (warmup {tc.warmup_steps}, "
             f"cosine{embed}), weight decay {tc.weight_decay}, label smoothing {tc.label_smoothing}, shift "

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 import numpy as np
 from tqdm import tqdm
 
-from vitsparse_jax.workdir import Workdir, to_json
+from vitsparse_jax.runtime.workdir import Workdir, to_json
 
 log = logging.getLogger(__name__)
 Accumulators = dict[str, np.ndarray]

@@ -7,9 +7,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from vitsparse_jax import locality
-from vitsparse_jax.receptive_field_grad import Layer
-from vitsparse_jax.workdir import Workdir, atomic_write_bytes
+from vitsparse_jax.experiments.receptive_field import locality
+from vitsparse_jax.experiments.receptive_field.grad import Layer
+from vitsparse_jax.runtime.workdir import Workdir, atomic_write_bytes
 
 DECISIONS = (
     ("M = |d sum(Y_central)/dx| with x the normalised input (after mean/std), |.| per image, summed over "
@@ -106,7 +106,7 @@ def _report(results: Sequence[Measured], series: Sequence[Measured], fraction: f
 def write_outputs(workdir: Workdir, results: Sequence[Measured], series: Sequence[Measured], summary: dict[str, Any],
                   fraction: float, max_columns: int) -> None:
     """results.json (= `summary`), CSV, maps, figures and report.md of a run."""
-    from vitsparse_jax.figures import receptive_field as figures
+    from vitsparse_jax.experiments.receptive_field import figures as figures
 
     files = ["results.json", "receptive_fields.csv", "receptive_fields.npz"]
     workdir.write_json("results.json", summary)

@@ -22,7 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vitsparse_jax import data, locality
+from vitsparse_jax import data
+from vitsparse_jax.experiments.receptive_field import locality
 from vitsparse_jax.models import ModelInfo
 
 LOGITS = "logits"               # the model output (B, num_classes); not a capture name

@@ -20,10 +20,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vitsparse_jax import ablation_report, ablation_units, data, loading, models, parallel, resumable
-from vitsparse_jax.ablation_units import Plan
-from vitsparse_jax.loading import LoadedModel
-from vitsparse_jax.workdir import Workdir
+from vitsparse_jax import data, models
+from vitsparse_jax.experiments.ablation import report as ablation_report
+from vitsparse_jax.experiments.ablation import units as ablation_units
+from vitsparse_jax.experiments.ablation.units import Plan
+from vitsparse_jax.runtime import parallel, resumable
+from vitsparse_jax.runtime.workdir import Workdir
+from vitsparse_jax.weights import loading
+from vitsparse_jax.weights.loading import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -301,7 +305,7 @@ def model_result(config: Any, loaded: LoadedModel, plan: Plan, rows: dict[str, n
 
 
 def write_outputs(workdir: Workdir, out: dict[str, Any], config: Any) -> None:
-    from vitsparse_jax.figures import ablation as figures
+    from vitsparse_jax.experiments.ablation import figures as figures
 
     results, ab = out["models"], config.ablation
     workdir.write_json("results.json", out)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vitsparse_jax import ablation_units
+from vitsparse_jax.experiments.ablation import units as ablation_units
 
 Array = jax.Array
 TINY = float(np.finfo(np.float32).tiny)   # mu below this (an underflowed softmax) counts as TINY in nu

@@ -1,16 +1,14 @@
 """Outputs of the sparsity experiment: CSV tables, figures (PNG + PDF), results.json and report.md."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
-from vitsparse_jax import sparsity_stats as st
-from vitsparse_jax.figures import sparsity as figs
-from vitsparse_jax.workdir import Workdir
-
-if TYPE_CHECKING:
-    from vitsparse_jax.sparsity import Example, Probe
+from vitsparse_jax.experiments.sparsity import figures as figs
+from vitsparse_jax.experiments.sparsity import stats as st
+from vitsparse_jax.experiments.sparsity.probe import Example, Probe
+from vitsparse_jax.runtime.workdir import Workdir
 
 Figures = list[tuple[str, str]]   # (file stem, caption), in report order
 

@@ -8,9 +8,10 @@ from typing import Any
 
 import flax.linen as nn
 
-from vitsparse_jax import checkpoint, models
+from vitsparse_jax import models
+from vitsparse_jax.weights import checkpoint
 
-ASSETS = Path(__file__).parent / "assets" / "checkpoints"
+ASSETS = Path(__file__).parents[1] / "assets" / "checkpoints"
 UNTRAINED = "untrained"
 BUILTIN = "builtin"
 # Pretrained tags whose classifier differs from the architecture's default (timm's pretrained_cfg).

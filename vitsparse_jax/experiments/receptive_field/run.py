@@ -18,13 +18,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vitsparse_jax import data, locality, models, parallel, resumable
-from vitsparse_jax.loading import TAG_NUM_CLASSES, UNTRAINED, LoadedModel, load_model
-from vitsparse_jax.receptive_field_grad import (  # noqa: F401  (re-exported: the public API of the experiment)
-    LOGITS, Layer, default_layers, layer_group, layer_specs, make_rf_fn, receptive_field_maps, relative_depth,
-    select_layers, valid_layers)
-from vitsparse_jax.receptive_field_report import DECISIONS, Measured, result_json, write_outputs
-from vitsparse_jax.workdir import Workdir
+from vitsparse_jax import data, models
+from vitsparse_jax.experiments.receptive_field import locality
+from vitsparse_jax.experiments.receptive_field.grad import (  # noqa: F401  (re-exported: the public API of the experiment)
+    LOGITS,
+    Layer,
+    default_layers,
+    layer_group,
+    layer_specs,
+    make_rf_fn,
+    receptive_field_maps,
+    relative_depth,
+    select_layers,
+    valid_layers,
+)
+from vitsparse_jax.experiments.receptive_field.report import DECISIONS, Measured, result_json, write_outputs
+from vitsparse_jax.runtime import parallel, resumable
+from vitsparse_jax.runtime.workdir import Workdir
+from vitsparse_jax.weights.loading import TAG_NUM_CLASSES, UNTRAINED, LoadedModel, load_model
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ import safetensors
 import safetensors.numpy
 
 import vitsparse_jax
-from vitsparse_jax.workdir import atomic_write_bytes
+from vitsparse_jax.runtime.workdir import atomic_write_bytes
 
 FORMAT_VERSION = 1
 SEP = "/"
@@ -93,7 +93,7 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
 
 def load(path: str | os.PathLike, module: nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:
     """Reads a converted checkpoint for `module`; returns (variables, meta). Strict: see CheckpointError."""
-    from vitsparse_jax import models   # late import: models imports nothing from here
+    from vitsparse_jax import models  # late import: models imports nothing from here
 
     weights, _ = paths_for(path)
     meta = read_meta(path)

@@ -1,0 +1,59 @@
+"""The package's import graph: no module imports one that (directly or not) imports it back, and the
+folders keep their roles (models know nothing of experiments; checkpoints_convert's key maps stay numpy)."""
+from __future__ import annotations
+
+import ast
+import pathlib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PACKAGES = ("vitsparse_jax", "checkpoints_convert")
+
+
+def module_name(path: pathlib.Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the project modules it imports (any depth: `from a.b import c` counts a.b, or a.b.c if a module)."""
+    files = {module_name(p): p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for mod, path in files.items():
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                base = node.module
+                for alias in node.names:
+                    deps.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in files else base)
+            elif isinstance(node, ast.Import):
+                deps.update(a.name for a in node.names)
+        graph[mod] = {d for d in deps if d in files and d != mod}
+    return graph
+
+
+def test_no_import_cycles_between_modules():
+    graph = import_graph()
+    state: dict[str, int] = {}
+
+    def visit(mod: str, path: list[str]) -> None:
+        state[mod] = 1
+        for dep in sorted(graph[mod]):
+            if state.get(dep) == 1:
+                cycle = path[path.index(dep):] + [dep] if dep in path else [mod, dep]
+                raise AssertionError("import cycle: " + " -> ".join(cycle))
+            if dep not in state:
+                visit(dep, path + [dep])
+        state[mod] = 2
+
+    for mod in sorted(graph):
+        if mod not in state:
+            visit(mod, [mod])
+
+
+def test_folders_keep_their_roles():
+    graph = import_graph()
+    for mod, deps in graph.items():
+        if mod.startswith("vitsparse_jax.models"):
+            assert all(d.startswith("vitsparse_jax.models") for d in deps), (mod, deps)
+        if mod.startswith(("vitsparse_jax.weights", "vitsparse_jax.data", "vitsparse_jax.runtime")):
+            assert not any(d.startswith("vitsparse_jax.experiments") for d in deps), (mod, deps)

@@ -1,0 +1,1 @@
+"""Training the built-in small models on the digits with optax (`run`)."""

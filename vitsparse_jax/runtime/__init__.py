@@ -1,0 +1,1 @@
+"""Running experiments: device mesh and hosts, the resumable pass, the workdir, config defaults, XLA flags."""
