@@ -3,7 +3,8 @@
   python -m vitsparse_jax.main --config=configs/sparsity.py                  # vit_pico_patch4_32 on digits
   python -m vitsparse_jax.main --config=configs/sparsity.py:vgg              # vgg_pico: channel l1 statistics
   python -m vitsparse_jax.main --config=configs/sparsity.py:paper \\
-      --config.model=vit_base_patch16_224.augreg_in21k_ft_in1k                 # ImageNet val, converted weights
+      --config.model=vit_base_patch16_224.augreg_in21k_ft_in1k                 # ImageNet val, timm's weights
+  python -m vitsparse_jax.main --config=configs/sparsity.py:registers        # DINOv2 with/without registers
 
 Every value can be overridden with --config.x=y. See docs/sparsity.md.
 """
@@ -13,7 +14,10 @@ import ml_collections
 
 from vitsparse_jax.runtime.config_defaults import BUILTIN_CNN, base_config
 
-PRESETS = ("default", "vgg", "paper", "paper_quirk")
+PRESETS = ("default", "vgg", "paper", "paper_quirk", "registers")
+# SPEC sec. 7: DINOv2 small without and with registers, and two supervised ViTs for contrast.
+REGISTER_MODELS = ("vit_small_patch14_dinov2.lvd142m", "vit_small_patch14_reg4_dinov2.lvd142m",
+                   "vit_base_patch16_224.augreg_in21k_ft_in1k", "deit_base_patch16_224.fb_in1k")
 
 
 def sparsity_section() -> ml_collections.ConfigDict:
@@ -25,11 +29,16 @@ def sparsity_section() -> ml_collections.ConfigDict:
     s.top_fraction = 0.05        # Fig. 3b: top k = round(top_fraction * patches) columns of the last block
     s.top_by = "head_mean"       # Fig. 3b ranks mu (mean over heads) | 'head_index': mu_h of `top_head`
     s.top_head = 1               # ... the published code ranked head index 1 (SPEC sec. 4)
-    s.nu_min = 0.0               # histograms of nu = -log10(mu) (CNN: -log10 of a channel's l1 share)
-    s.nu_max = 8.0
-    s.nu_bins = 160
+    s.nu_min = 0.0               # histograms of nu = -log10(mu) (CNN: -log10 of a channel's l1 share): lower end
+    s.nu_max = 8.0               # upper end of the nu histograms (values outside are counted, not binned)
+    s.nu_bins = 800              # bins of the nu histograms between nu_min and nu_max (0.01 wide: narrow peaks show)
     s.top_fractions = (0.05, 0.1, 0.2, 0.3)   # share of the total held by the top p units (CNN channels,
                                                # attention patch columns), per layer / block
+    s.token_norms = True         # SPEC sec. 7 (ViTs): token norms, high-norm tokens vs the top-5% mu columns
+    s.norm_factor = 2.0          # a high-norm patch token: norm > norm_factor x the image's median patch norm
+    s.per_image = False          # also write per_image.npz: each image's last-block mu, top columns, token norms
+    s.models = ""                # comma-separated models measured on the same images ('' = config.model);
+                                 # several give per-model folders under models/ and comparison figures
     return s
 
 
@@ -44,9 +53,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.model = BUILTIN_CNN
         config.workdir = "runs/sparsity_vgg"
     elif preset.startswith("paper"):
-        # Paper 1: ViT-B on the ImageNet validation set (50 000 images), converted timm weights.
+        # Paper 1: ViT-B on the ImageNet validation set (50 000 images), timm's weights.
         config.model = "vit_base_patch16_224.augreg_in21k_ft_in1k"
-        config.weights = ""
+        config.weights = "auto"       # checkpoint_dir, else timm's weights from the Hugging Face hub
         config.data.source = "tfds"
         config.data.name = "imagenet2012"
         config.data.split = "validation"
@@ -55,4 +64,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         if preset == "paper_quirk":   # Fig. 3b as the published code drew it
             config.sparsity.top_by = "head_index"
             config.workdir = "runs/sparsity_paper_quirk"
+    elif preset == "registers":
+        # SPEC sec. 7: sparse columns vs high-norm tokens, with and without registers, on the same images
+        # (ImageNet validation by default; any --config.data.* works).
+        config.sparsity.models = ",".join(REGISTER_MODELS)
+        config.weights = "auto"
+        config.data.source = "tfds"
+        config.data.name = "imagenet2012"
+        config.data.split = "validation"
+        config.data.batch_size = 64
+        config.workdir = "runs/sparsity_registers"
     return config

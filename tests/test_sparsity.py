@@ -15,7 +15,9 @@ from vitsparse_jax.weights import loading
 
 IMAGES = 12
 ATTENTION_FIGURES = ("fig1_example_attention", "fig2a_corr_heads", "fig2b_corr_layers", "fig3a_nu_density_last",
-                     "fig3b_top_patches", "figS1_all_heads", "figS4_nu_density_blocks", "top_share")
+                     "fig3b_top_patches", "figS1_all_heads", "figS4_nu_density_blocks", "top_share",
+                     "norms_mu_vs_input_norm", "norms_vs_depth")
+NORM_FIGURES = ATTENTION_FIGURES[-2:]   # SPEC sec. 7: ViT tokens only (not Swin)
 
 
 def tiny_config(preset=None, images=IMAGES, **sparsity_overrides):
@@ -106,7 +108,7 @@ def test_run_statistics_equal_numpy_on_the_captured_maps(vit_run, vit):
     for row in mu[:, -1]:
         counts[np.argsort(-row, kind="stable")[:k]] += 1
     np.testing.assert_array_equal(stats["top_counts"], counts)
-    hist = np.histogram(-np.log10(mu[:, -1]), bins=160, range=(0.0, 8.0))[0]
+    hist = np.histogram(-np.log10(mu[:, -1]), bins=stats["nu_hist"].shape[-1] - 2, range=(0.0, 8.0))[0]
     np.testing.assert_array_equal(stats["nu_hist"][-1, 1:-1], hist)
 
 
@@ -123,20 +125,31 @@ def test_example_maps_are_the_captured_maps(vit):
     assert ex.top_cells == [divmod(int(j), 8) for j in top]
 
 
+STATISTICS = ("nu_hist", "top_counts", "images", "mean_mu", "mean_nu", "std_nu", "mean_prefix_mu", "top_share",
+              "corr_layers", "corr_heads")
+
+
 def assert_same_statistics(got: dict, want: dict) -> None:
-    for key in ("nu_hist", "top_counts", "images"):
+    """Equal to the last bit: the host adds each image's statistics one by one in dataset order."""
+    for key in STATISTICS:
         np.testing.assert_array_equal(got[key], want[key], err_msg=key)
-    for key in ("mean_mu", "mean_nu", "std_nu", "mean_prefix_mu", "top_share", "corr_layers", "corr_heads"):
-        np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-6, err_msg=key)
 
 
 def test_numbers_do_not_depend_on_batch_size_or_device_count(vit_run, vit, tmp_path):
-    config, summary = vit_run
-    config = tiny_config()
-    config.data.batch_size = 4
+    """vit_run: batch 8 on 4 devices. Batch 2 on one device computes the same per-image maps (2 images per
+    device) and must give the same numbers exactly; at another per-device batch XLA may round the forward
+    pass differently, which only the float32 rounding of the model bounds."""
+    _, summary = vit_run
     one_device = parallel.make_mesh(jax.devices()[:1])
-    got = sparsity.measure(config, Workdir(tmp_path), vit, digits(), one_device, outputs=False)
-    assert_same_statistics(got["statistics"], summary["statistics"])
+    for batch_size in (2, 4):
+        config = tiny_config()
+        config.data.batch_size = batch_size
+        got = sparsity.measure(config, Workdir(tmp_path / str(batch_size)), vit, digits(), one_device, outputs=False)
+        if batch_size == 2:
+            assert_same_statistics(got["statistics"], summary["statistics"])
+        for key in STATISTICS:
+            np.testing.assert_allclose(got["statistics"][key], summary["statistics"][key], rtol=1e-5, atol=1e-6,
+                                       err_msg=key)
 
 
 def test_an_interrupted_run_resumes_to_the_same_numbers(vit_run, vit, tmp_path):
@@ -176,7 +189,8 @@ def test_swin_blocks_use_window_attention_mapped_to_tokens(tmp_path):
     assert stats["corr_layers"].shape == (3, 3) and stats["corr_heads"].shape == (4, 4)
     assert stats["top_distribution"].shape == (4, 4) and stats["top_counts"].sum() == 8 * 1   # k = round(.05*16)
     for stem in ATTENTION_FIGURES:
-        assert (tmp_path / f"{stem}.png").exists() and (tmp_path / f"{stem}.pdf").exists()
+        assert (tmp_path / f"{stem}.png").exists() == (stem not in NORM_FIGURES), stem
+    assert "norms" not in stats and stats["prefix_mu_by_kind"] == {}
 
 
 def test_distilled_deit_leaves_out_class_and_distillation_columns(tmp_path):
@@ -225,7 +239,7 @@ def test_attention_statistics_of_a_cnn_are_a_clear_error(vgg):
 
 
 def test_cnn_statistics_of_a_transformer_are_a_clear_error(vit):
-    with pytest.raises(ValueError, match="needs a VGG or ResNet"):
+    with pytest.raises(ValueError, match=r"needs a CNN \(VGG, ResNet, ConvNeXt\)"):
         sparsity.make_probe(vit, tiny_config(kind="cnn").sparsity)
     with pytest.raises(ValueError, match="sparsity.kind must be one of"):
         sparsity.make_probe(vit, tiny_config(kind="heads").sparsity)
@@ -262,3 +276,112 @@ def test_a_dataset_of_unreadable_images_is_a_clear_error(vit, tmp_path):
     with pytest.raises(ValueError, match="none of the 2 images"):
         source = data.make_eval_source({"source": "images", "folder": str(folder)})
         sparsity.measure(tiny_config(), Workdir(tmp_path / "run"), vit, source, parallel.make_mesh())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# SPEC section 7, per-image outputs, several models
+
+def captured_norms(loaded, images=IMAGES) -> np.ndarray:
+    """Token norms (images, blocks + 1, N) of the embedding and every block output, straight from the model."""
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    batch = parallel.to_host(next(iter(data.batches(digits(images), loaded.pretrained_cfg, images, mesh))))
+    names = ("embed", *(s.removesuffix(".attn") for s in loaded.info.ablation_sites))
+    _, aux = loaded.module.apply(loaded.variables, data.normalize(batch["image"], loaded.pretrained_cfg),
+                                 capture=names)
+    return np.stack([np.linalg.norm(np.asarray(aux[n], np.float64), axis=-1) for n in names], axis=1)
+
+
+def test_token_norm_statistics_equal_numpy_on_the_captured_tokens(vit_run, vit):
+    _, summary = vit_run
+    got = summary["statistics"]["norms"]
+    norms, maps = captured_norms(vit), captured_maps(vit)
+    patch = norms[:, :, 1:]
+    high = patch > 2.0 * np.median(patch, axis=-1, keepdims=True)
+    np.testing.assert_allclose(got["high_norm_share"], high.mean(axis=(0, 2)), atol=1e-12)
+    np.testing.assert_allclose(got["patch_norm_median"], np.median(patch, axis=-1).mean(axis=0), rtol=1e-5)
+    for l, m in enumerate(maps):
+        mu = m.mean(axis=(1, 2))[:, 1:]
+        rho = [np.corrcoef(np.argsort(np.argsort(a)), np.argsort(np.argsort(b)))[0, 1]   # no ties in floats
+               for a, b in zip(mu, patch[:, l])]
+        np.testing.assert_allclose(got["spearman_mu_input_norm"][l], np.mean(rho), rtol=1e-4, atol=1e-6)
+        top = np.argsort(-mu, axis=-1, kind="stable")[:, :round(0.05 * 64)]
+        np.testing.assert_allclose(got["top_overlap"][l], np.take_along_axis(high[:, l], top, -1).mean(), atol=1e-12)
+    wd = Workdir(vit_run[0].workdir)
+    assert wd.path("norms.csv").exists() and wd.path("norms_mu_vs_input_norm.png").exists()
+    assert wd.path("norms_vs_depth.png").exists()
+
+
+def test_per_image_outputs_hold_every_image_once(vit, tmp_path):
+    config = tiny_config(per_image=True)
+    config.workdir = str(tmp_path)
+    mesh = parallel.make_mesh()
+    with pytest.raises(resumable.Interrupted):   # rows survive an interruption through the resume state
+        sparsity.measure(config, Workdir(tmp_path), vit, digits(), mesh, stop_after_batches=1)
+    sparsity.measure(config, Workdir(tmp_path), vit, digits(), mesh)
+    z = np.load(tmp_path / "per_image.npz")
+    np.testing.assert_array_equal(z["index"], np.arange(IMAGES))
+    assert list(z["file_name"]) == [digits().key(i) for i in range(IMAGES)]
+    mu = captured_maps(vit)[-1].mean(axis=(1, 2))
+    np.testing.assert_allclose(z["mu_last"], mu, rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(z["mu_last"].sum(axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_array_equal(z["top_columns"], np.argsort(-mu[:, 1:], axis=-1, kind="stable")[:, :3] + 1)
+    np.testing.assert_allclose(z["norm_in"], captured_norms(vit)[:, -2], rtol=1e-5)
+
+
+def test_docs_per_image_example_runs(tmp_path, monkeypatch):
+    """docs/sparsity.md's numpy example, on the file the default run writes with per_image=True."""
+    import pathlib
+    import re
+
+    monkeypatch.chdir(tmp_path)
+    config = sparsity_config.get_config()
+    config.update({"progress": False})
+    config.sparsity.per_image = True
+    config.data.num_images = 8
+    main.run(config)
+    doc = (pathlib.Path(__file__).parents[1] / "docs" / "sparsity.md").read_text()
+    block = re.search(r"```python\n(.*?)```", doc[doc.index("## Per-image outputs"):], re.S).group(1)
+    exec(compile(block, "docs/sparsity.md", "exec"), {})
+
+
+def test_several_models_on_the_same_images(tmp_path):
+    config = tiny_config(models="vit_pico_patch4_32,deit_tiny_distilled_patch16_224")
+    config.workdir = str(tmp_path)
+    config.data.batch_size = 4
+    config.data.num_images = 4
+    result = main.run(config)
+    assert result["models"] == ["vit_pico_patch4_32", "deit_tiny_distilled_patch16_224"]
+    for folder in result["folders"].values():
+        assert (tmp_path / folder / "results.json").exists() and (tmp_path / folder / "report.md").exists()
+    for stem in ("compare_nu_density", "compare_top_share_depth", "compare_norms"):
+        assert (tmp_path / f"{stem}.png").exists() and (tmp_path / f"{stem}.pdf").exists()
+    rows = (tmp_path / "models.csv").read_text().splitlines()
+    assert len(rows) == 1 + 6 + 12 and "prefix_mu_dist" in rows[0] and "top_overlap" in rows[0]
+    deit = Workdir(tmp_path / result["folders"]["deit_tiny_distilled_patch16_224"]).read_json("results.json")
+    by_kind = deit["statistics"]["prefix_mu_by_kind"]
+    assert set(by_kind) == {"cls", "dist"}
+    np.testing.assert_allclose(np.add(by_kind["cls"], by_kind["dist"]), deit["statistics"]["mean_prefix_mu"])
+
+
+def test_registers_preset_names_models_with_and_without_registers():
+    config = sparsity_config.get_config("registers")
+    names = config.sparsity.models.split(",")
+    assert "vit_small_patch14_dinov2.lvd142m" in names and "vit_small_patch14_reg4_dinov2.lvd142m" in names
+    assert config.weights == "auto"
+
+
+def test_unreadable_images_are_named_in_the_results(vit, tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((40, 40, 3), 60 * i, np.uint8)).save(folder / f"ok{i}.png")
+    (folder / "z_broken.png").write_bytes(b"not an image")      # last: the example image (0) stays readable
+    source = data.make_eval_source({"source": "images", "folder": str(folder)})
+    config = tiny_config()
+    config.data.batch_size = 4
+    summary = sparsity.measure(config, Workdir(tmp_path / "run"), vit, source, parallel.make_mesh())
+    assert summary["images"] == 3 and summary["images_skipped"] == 1
+    (skipped,) = Workdir(tmp_path / "run").read_json("results.json")["data"]["skipped_files"]
+    assert skipped["file"].endswith("z_broken.png") and skipped["index"] == 3 and skipped["reason"]

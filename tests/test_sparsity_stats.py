@@ -55,7 +55,7 @@ def test_window_column_means_on_a_shifted_swin_block(rng):
 def test_histogram_matches_numpy_and_counts_out_of_range(rng):
     values = rng.uniform(-1, 5, size=(6, 40)).astype(np.float32)
     weights = np.array([1, 1, 0, 1, 1, 1], np.float32)   # image 2 is padding
-    counts = np.asarray(st.histogram(values, weights, 0.0, 4.0, 16))
+    counts = st.accumulate({"h": np.zeros(18, np.int64)}, {"h": st.histogram(values, 0.0, 4.0, 16)}, weights > 0)["h"]
     kept = values[weights > 0]
     inner, _ = np.histogram(kept, bins=16, range=(0.0, 4.0))
     inner[-1] -= np.sum(kept == 4.0)                     # numpy's last bin is closed; ours is [lo, hi)
@@ -75,11 +75,12 @@ def test_nu_moments_skip_zero_mu(rng):
     mu = rng.uniform(0, 0.1, size=(4, 9)).astype(np.float32)
     mu[1, 3] = 0.0
     weights = np.array([1, 1, 1, 0], np.float32)
-    m = st.nu_moments(mu, weights)
+    values = {f"nu_{k}": v for k, v in st.nu_moments(mu.astype(np.float64)).items()}
+    m = {k.removeprefix("nu_"): v for k, v in st.accumulate(st.empty_totals(values), values, weights > 0).items()}
     kept = mu[:3][mu[:3] > 0].astype(np.float64)
     nu = -np.log10(kept)
     assert float(m["n"]) == kept.size and float(m["zeros"]) == 1
-    np.testing.assert_allclose(float(m["mean"][0]) + float(m["mean_err"][0]), nu.mean(), rtol=1e-6)
+    np.testing.assert_allclose(float(m["mean"][0]), nu.mean(), rtol=1e-6)
     np.testing.assert_allclose(float(m["cm"][0, 0]), ((nu - nu.mean()) ** 2).sum(), rtol=1e-4)
     assert float(st.nu_of(np.float32(0.0))) == pytest.approx(-np.log10(st.TINY))
 
@@ -87,8 +88,8 @@ def test_nu_moments_skip_zero_mu(rng):
 def moments_in_batches(x: np.ndarray, weights: np.ndarray, batch: int) -> dict:
     acc = {"m_n": np.zeros(()), "m_mean": np.zeros(x.shape[-1]), "m_cm": np.zeros((x.shape[-1],) * 2)}
     for start in range(0, x.shape[0], batch):
-        sums = st.moment_sums(x[start:start + batch], weights[start:start + batch])
-        st.accumulate(acc, {f"m_{k}": v for k, v in sums.items()})
+        values = st.image_moments(x[start:start + batch])
+        st.accumulate(acc, {f"m_{k}": v for k, v in values.items()}, weights[start:start + batch] > 0)
     return acc
 
 
@@ -109,26 +110,28 @@ def test_pooled_pearson_equals_corrcoef_on_stacked_values(rng, spread, batch):
 def test_pearson_of_a_constant_variable_is_nan():
     x = np.ones((2, 5, 2), np.float32)
     x[..., 1] = np.arange(5)
-    sums = st.moment_sums(x, np.ones(2, np.float32))
-    r = st.pearson(sums["n"], sums["cm"])
+    values = {f"m_{k}": v for k, v in st.image_moments(x).items()}
+    sums = st.accumulate(st.empty_totals(values), values, np.ones(2, bool))
+    r = st.pearson(sums["m_n"], sums["m_cm"])
     assert np.isnan(r[0, 0]) and np.isnan(r[0, 1]) and r[1, 1] == 1.0
 
 
-def test_top_k_counts_match_argsort(rng):
+def test_top_k_indicator_matches_argsort(rng):
     scores = rng.normal(size=(8, 20)).astype(np.float32)
     weights = np.array([1] * 6 + [0] * 2, np.float32)
-    counts = np.asarray(st.top_k_counts(scores, weights, 3))
+    counts = st.top_k_indicator(scores, 3)[weights > 0].sum(axis=0)
     want = np.zeros(20, int)
     for row in scores[:6]:
         want[np.argsort(-row, kind="stable")[:3]] += 1
     np.testing.assert_array_equal(counts, want)
 
 
-def test_top_share_sums_match_numpy(rng):
+def test_top_shares_match_numpy(rng):
     scores = rng.exponential(size=(5, 30)).astype(np.float32)
     scores[2] = 0.0                                   # a dead layer: no share, not counted
     weights = np.array([1, 1, 1, 1, 0], np.float32)
-    sums, n_ok = st.top_share_sums(scores, weights, (1, 3, 30))
+    share, ok = st.top_shares(scores.astype(np.float64), (1, 3, 30))
+    sums, n_ok = share[weights > 0].sum(axis=0), ok[weights > 0].sum()
     ordered = -np.sort(-scores[[0, 1, 3]].astype(np.float64), axis=-1)
     want = np.stack([ordered[:, :k].sum(-1) / ordered.sum(-1) for k in (1, 3, 30)], -1).sum(0)
     np.testing.assert_allclose(sums, want, rtol=1e-5)
@@ -157,8 +160,8 @@ def test_channel_l1_and_shares(rng):
     act = np.maximum(rng.normal(size=(2, 4, 4, 6)), 0).astype(np.float32)
     score = np.asarray(st.channel_l1(act))
     np.testing.assert_allclose(score, np.abs(act).sum(axis=(1, 2)), rtol=1e-6)
-    np.testing.assert_allclose(np.asarray(st.shares(score)).sum(-1), 1.0, rtol=1e-6)
-    assert np.all(np.asarray(st.shares(np.zeros((1, 3), np.float32))) == 0)
+    np.testing.assert_allclose(st.shares(score.astype(np.float64)).sum(-1), 1.0, rtol=1e-6)
+    assert np.all(st.shares(np.zeros((1, 3))) == 0)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -172,17 +175,18 @@ def vit_layout(**kw) -> st.AttentionLayout:
 
 
 def attention_totals(maps: list[np.ndarray], lay: st.AttentionLayout, batch: int) -> dict:
-    """Runs the per-batch sums over the images in batches of `batch` (last one padded) and adds them."""
-    fn = jax.jit(lambda m, w: st.attention_batch_sums(
-        [st.attention_column_means(x)[0] for x in m], st.attention_column_means(m[-1])[1], w, lay))
+    """Device column means of the images in batches of `batch` (last one padded), host statistics per image,
+    added up as the experiment does."""
+    fn = jax.jit(lambda m: [st.attention_column_means_split(x) for x in m])
     images = maps[0].shape[0]
     acc = None
     for start in range(0, images, batch):
         part = [m[start:start + batch] for m in maps]
         n = part[0].shape[0]
         pad = [np.concatenate([x, np.repeat(x[:1], batch - n, axis=0)]) for x in part]   # junk padding
-        sums = jax.device_get(fn(pad, (np.arange(batch) < n).astype(np.float32)))
-        acc = st.accumulate(acc if acc is not None else st.zeros_like_sums(jax.eval_shape(lambda: sums)), sums)
+        means = jax.device_get(fn(pad))
+        values = st.attention_image_values([st.hi_lo(mu) for mu, _ in means], st.hi_lo(means[-1][1]), lay)
+        acc = st.accumulate(acc if acc is not None else st.empty_totals(values), values, np.arange(batch) < n)
     return acc
 
 
@@ -234,10 +238,9 @@ def test_attention_statistics_do_not_depend_on_batch_size(rng, batch):
     maps = [random_maps(np.random.default_rng(1), images=8, heads=2, tokens=10, scale=s) for s in (1, 2, 3)]
     ref = st.attention_results(attention_totals(maps, lay, batch=8), lay)
     got = st.attention_results(attention_totals(maps, lay, batch=batch), lay)
-    for key in ("nu_hist", "top_counts", "images"):
+    for key in ("nu_hist", "top_counts", "images", "mean_mu", "mean_nu", "std_nu", "corr_layers", "corr_heads",
+                "top_share"):   # images are added one by one in dataset order: equal to the last bit
         np.testing.assert_array_equal(got[key], ref[key])
-    for key in ("mean_mu", "mean_nu", "std_nu", "corr_layers", "corr_heads", "top_share"):
-        np.testing.assert_allclose(got[key], ref[key], rtol=1e-5, atol=1e-6)
 
 
 def test_layer_correlation_pools_finer_grids_onto_the_coarsest(rng):
@@ -246,9 +249,9 @@ def test_layer_correlation_pools_finer_grids_onto_the_coarsest(rng):
                      top_fractions=(0.25,))
     fine = rng.dirichlet(np.ones(16), size=6).astype(np.float32)
     coarse = rng.dirichlet(np.ones(4), size=6).astype(np.float32)
-    w = np.ones(6, np.float32)
     heads = np.stack([coarse, coarse ** 2], axis=1)
-    sums = jax.device_get(st.attention_batch_sums([fine, coarse], heads, w, lay))
+    values = st.attention_image_values([fine.astype(np.float64), coarse.astype(np.float64)], heads.astype(np.float64), lay)
+    sums = st.accumulate(st.empty_totals(values), values, np.ones(6, bool))
     r = st.pearson(sums["layers_n"], sums["layers_cm"])
     pooled = fine.astype(np.float64).reshape(6, 2, 2, 2, 2).sum(axis=(2, 4)).reshape(-1)
     np.testing.assert_allclose(r[0, 1], np.corrcoef(pooled, coarse.reshape(-1))[0, 1], atol=1e-5)
@@ -259,8 +262,9 @@ def test_channel_statistics_match_numpy(rng):
     acts[0][1, :, :, 3] = 0.0                         # one silent channel
     lay = st.ChannelLayout(channels=(8, 20), nu_range=(0.0, 4.0, 16), top_fractions=(0.1, 0.5))
     w = np.array([1, 1, 1, 1, 0], np.float32)
-    sums = jax.device_get(st.channel_batch_sums(acts, w, lay))
-    res = st.channel_results(st.accumulate(st.zeros_like_sums(jax.eval_shape(lambda: sums)), sums), lay)
+    scores, active = jax.device_get(([st.channel_l1(a) for a in acts], np.stack([st.active_fraction(a) for a in acts], 1)))
+    values = st.channel_image_values(scores, active, lay)
+    res = st.channel_results(st.accumulate(st.empty_totals(values), values, w > 0), lay)
     assert res["images"] == 4
     for l, act in enumerate(acts):
         a = act[:4].astype(np.float64)
@@ -279,3 +283,56 @@ def test_channel_statistics_match_numpy(rng):
         inner, _ = np.histogram(nu, bins=16, range=(0.0, 4.0))
         np.testing.assert_array_equal(res["nu_hist"][l, 1:-1], inner)
         assert res["nu_hist"][l, -1] == np.sum(nu >= 4.0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# SPEC section 7: sparse columns against high-norm tokens
+
+def test_average_ranks_match_scipy(rng):
+    scipy_stats = pytest.importorskip("scipy.stats")
+    x = rng.integers(0, 5, size=(3, 12)).astype(np.float64)     # many ties
+    np.testing.assert_array_equal(st.average_ranks(x), np.stack([scipy_stats.rankdata(r) for r in x]))
+
+
+def test_norm_statistics_match_numpy(rng):
+    scipy_stats = pytest.importorskip("scipy.stats")
+    images, blocks, prefix, patches = 6, 3, 2, 20
+    lay = vit_layout(grids=((4, 5),) * blocks, prefix=prefix, prefix_kinds=("cls", "reg"), norm_factor=2.0)
+    mus = [rng.dirichlet(np.ones(prefix + patches) * 0.5, size=images) for _ in range(blocks)]
+    norms = rng.uniform(1.0, 1.5, size=(images, blocks + 1, prefix + patches))
+    artifacts = rng.integers(prefix, prefix + patches, size=(images, 3))
+    for b in range(images):
+        norms[b, 1:, artifacts[b]] *= 5.0                                     # high-norm tokens after block 0
+    norms[0, :, :] = 1.0                                                      # a constant image: no Spearman r
+    values = st.norm_image_values(mus, norms, lay)
+    res = st.norm_results(st.accumulate(st.empty_totals({**values, "images": np.ones(images)}),
+                                        {**values, "images": np.ones(images)}, np.ones(images, bool)), lay)
+
+    patch_norms = norms[:, :, prefix:]
+    high = patch_norms > 2.0 * np.median(patch_norms, axis=-1, keepdims=True)
+    np.testing.assert_allclose(res["high_norm_share"], high.mean(axis=(0, 2)))
+    k = round(0.05 * patches)
+    for l in range(blocks):
+        overlap, rhos = [], []
+        for b in range(images):
+            top = np.argsort(-mus[l][b, prefix:], kind="stable")[:k]
+            overlap.append(high[b, l, top].mean())
+            if b > 0:
+                rhos.append(scipy_stats.spearmanr(mus[l][b, prefix:], patch_norms[b, l]).statistic)
+        np.testing.assert_allclose(res["top_overlap"][l], np.mean(overlap))
+        np.testing.assert_allclose(res["spearman_mu_input_norm"][l], np.mean(rhos))
+        assert res["spearman_images"][l] == images - 1
+    np.testing.assert_allclose(res["top_overlap_chance"], high.mean(axis=(0, 2))[:-1])
+    np.testing.assert_allclose(res["prefix_norm"], norms[:, :, :prefix].mean(axis=0))
+
+
+def test_prefix_mass_is_reported_per_kind(rng):
+    lay = vit_layout(grids=((3, 3),) * 2, prefix=4, prefix_kinds=("cls", "reg", "reg", "reg"))
+    mus = [rng.dirichlet(np.ones(13), size=5) for _ in range(2)]
+    heads = np.stack([mus[-1], mus[-1]], axis=1)
+    values = st.attention_image_values(mus, heads, lay)
+    res = st.attention_results(st.accumulate(st.empty_totals(values), values, np.ones(5, bool)), lay)
+    for l in range(2):
+        np.testing.assert_allclose(res["prefix_mu_by_kind"]["cls"][l], mus[l][:, 0].mean())
+        np.testing.assert_allclose(res["prefix_mu_by_kind"]["reg"][l], mus[l][:, 1:4].sum(axis=1).mean())
+        np.testing.assert_allclose(res["mean_prefix_mu"][l] + res["mean_mu"][l] * 9, 1.0)   # mu sums to 1

@@ -56,6 +56,8 @@ _GROUP_RULES = (   # first match wins
     (r".*\.attn$", "attn"), (r".*\.attn_res$", "attn_res"), (r".*\.mlp$", "mlp"),
     (r"^(layers\.\d+\.)?blocks\.\d+$", "mlp_res"), (r"^layers\.\d+\.downsample$", "downsample"),
     (r"^layer\d+\.\d+$", "block"), (r"^layer\d+\.\d+\.(act\d)$", r"\1"), (r"^features\.\d+$", "features"),
+    (r"^stages\.\d+\.blocks\.\d+$", "block"), (r"^stages\.\d+\.downsample$", "downsample"),      # ConvNeXt
+    (r"^stages\.\d+\.blocks\.\d+\.(conv_dw|mlp\.act)$", r"\1"),
 )
 
 
@@ -74,12 +76,16 @@ def valid_layers(info: ModelInfo) -> tuple[str, ...]:
 
 
 def default_layers(info: ModelInfo) -> tuple[str, ...]:
-    """Transformers: embedding and the four sub-stages of every block (+ Swin downsampling);
-    VGG: every ReLU after a conv; ResNet: the stem and every block output."""
+    """Transformers: embedding and the four sub-stages of every block (+ Swin downsampling; with layer scale the
+    `attn` / `mlp` sub-stages are the scaled branches, before the residual add); VGG: every ReLU after a conv;
+    ResNet: the stem and every block output; ConvNeXt: the stem and every block output (SPEC section 6)."""
     if info.family in TRANSFORMER_FAMILIES:
-        return tuple(n for n in valid_layers(info) if n not in ("norm", "pre_logits", LOGITS))
+        head = ("norm", "pre_logits", "attn_pool.probs", LOGITS)
+        return tuple(n for n in valid_layers(info) if n not in head)
     if info.family == "vgg":
         return tuple(info.ablation_sites)
+    if info.family == "convnext":
+        return tuple(s for s in info.stages if s not in NON_SPATIAL_STAGES and not s.endswith(".downsample"))
     return tuple(s for s in info.stages if s not in NON_SPATIAL_STAGES)
 
 
@@ -155,8 +161,9 @@ def stage_plan(module: Any) -> tuple[str | None, ...]:
 
 @functools.lru_cache(maxsize=16)
 def make_rf_fn(module: Any, layers: tuple[Layer, ...], num_prefix_tokens: int, chunk_size: int = 0,
-               norm: tuple[tuple[float, ...], tuple[float, ...]] | None = None) -> Callable:
-    """A jitted fn(variables, images, weight) -> (L, H, W): sum over images of weight * M_l.
+               norm: tuple[tuple[float, ...], tuple[float, ...]] | None = None, per_image: bool = False) -> Callable:
+    """A jitted fn(variables, images, weight) -> (L, H, W): sum over images of weight * M_l; with
+    `per_image`, (L, B, H, W): each image's weight * M_l, for the host to add in a fixed order.
 
     images: (B, H, W, 3), uint8 when `norm` = (mean, std) is given (x = (images / 255 - mean) / std), else
     the normalised x. weight: (B,) per image (1 = count, 0 = padding): it scales the cotangent of every
@@ -228,7 +235,8 @@ def make_rf_fn(module: Any, layers: tuple[Layer, ...], num_prefix_tokens: int, c
                    to_maps: bool) -> jax.Array:
         """Pulls the `old` cotangent rows `carry` (at the stage output) and the seeds of the layers `new` that
         the stage computes back through the stage, vmapped over the rows: (rows, B, *stage input), or with
-        `to_maps` (the first stage: the input is x) the maps |d/dx| summed over channels and images."""
+        `to_maps` (the first stage: the input is x) the maps |d/dx| summed over channels (and over images
+        unless `per_image`)."""
         out, aux, pullback = run
         row_of = {name: old + j for j, name in enumerate(new)}
         seeds = {name: seed(name, aux[name], weight) for name in new if name != LOGITS}
@@ -239,7 +247,10 @@ def make_rf_fn(module: Any, layers: tuple[Layer, ...], num_prefix_tokens: int, c
             ct_aux = {name: jnp.where(index == row_of[name], seeds[name], jnp.zeros_like(seeds[name]))
                       if name in seeds else jnp.zeros_like(value) for name, value in aux.items()}
             (grad,) = pullback((ct, ct_aux))
-            return jnp.abs(grad).sum(axis=-1).sum(axis=0) if to_maps else grad
+            if not to_maps:
+                return grad
+            maps = jnp.abs(grad).sum(axis=-1)
+            return maps if per_image else maps.sum(axis=0)
 
         return jax.vmap(pull)(jnp.arange(old + len(new)), ct_out)
 

@@ -10,6 +10,7 @@ from typing import Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib import patheffects
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
@@ -31,10 +32,17 @@ def example_attention(image: np.ndarray, head_map: np.ndarray, top_cells: Sequen
     fig.colorbar(im, ax=axes[1], fraction=0.046, pad=0.04, label="attention")
     axes[2].imshow(image)
     ch, cw = image.shape[0] / grid[0], image.shape[1] / grid[1]
+    outline = [patheffects.withStroke(linewidth=4.0, foreground="white")]   # readable on dark and bright
     for rank, (r, c) in enumerate(top_cells):
         color = TOP_COLORS[rank % len(TOP_COLORS)]
-        axes[2].add_patch(Rectangle((c * cw - 0.5, r * ch - 0.5), cw, ch, fill=False, lw=2.5, ec=color))
-        axes[2].text(c * cw + 1, r * ch + 1, str(rank + 1), color=color, fontsize=10, va="top", weight="bold")
+        box = Rectangle((c * cw - 0.5, r * ch - 0.5), cw, ch, fill=False, lw=2.5, ec=color)
+        box.set_path_effects(outline)
+        axes[2].add_patch(box)
+        # the rank in a filled tag just outside the box's top-left corner (inside when at the image edge)
+        x, y = c * cw - 0.5, r * ch - 0.5
+        axes[2].annotate(str(rank + 1), (x, y), xytext=(2, -2), textcoords="offset points", ha="left", va="top",
+                         fontsize=9, weight="bold", color="white",
+                         bbox=dict(boxstyle="square,pad=0.15", fc=color, ec="white", lw=0.8))
     axes[2].set(title=f"(c) patches of the top-{len(top_cells)} columns", xlabel="x (pixels)",
                 ylabel="y (pixels)")
     fig.tight_layout()
@@ -72,14 +80,17 @@ def _support(edges: np.ndarray, dens: np.ndarray, references: np.ndarray, margin
     return max(float(edges[0]), points.min() - margin), min(float(edges[-1]), points.max() + margin)
 
 
-def _density_panel(ax, edges: np.ndarray, dens: np.ndarray, reference: float, xlabel: str, title: str,
+def _density_panel(ax, edges: np.ndarray, dens: np.ndarray, reference: float, xlabel: str | None, title: str,
                    ref_label: str) -> None:
-    centers = (edges[:-1] + edges[1:]) / 2
-    ax.plot(centers, dens, color="tab:blue")
-    ax.fill_between(centers, dens, alpha=0.25, color="tab:blue")
-    ax.axvline(reference, color="tab:green", ls="--", label=f"{ref_label} = {reference:.2f}")
-    ax.set(xlabel=xlabel, ylabel="density", title=title)
-    ax.legend(fontsize=7)
+    """The histogram as steps, one per bin (no smoothing between bins: a narrow peak keeps its width)."""
+    ax.stairs(dens, edges, color="tab:blue", linewidth=1.0)
+    ax.stairs(dens, edges, fill=True, alpha=0.25, color="tab:blue")
+    ax.axvline(reference, color="tab:green", ls="--", lw=1.0, label=f"{ref_label} = {reference:.2f}")
+    ax.set(ylabel="density", title=title)
+    if xlabel:
+        ax.set_xlabel(xlabel)
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=7, loc="upper left")
 
 
 def nu_density(edges: np.ndarray, dens: np.ndarray, reference: float, title: str,
@@ -101,7 +112,11 @@ def nu_density_grid(edges: np.ndarray, dens: np.ndarray, references: np.ndarray,
     fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.7 * rows), sharex=True, squeeze=False)
     for i, ax in enumerate(axes.flat):
         if i < n:
-            _density_panel(ax, edges, dens[i], float(references[i]), xlabel, names[i], ref_label)
+            bottom = i + cols >= n            # no panel below: this one shows the x axis label
+            _density_panel(ax, edges, dens[i], float(references[i]), xlabel if bottom else None, names[i],
+                           ref_label)
+            if bottom:
+                ax.xaxis.set_tick_params(labelbottom=True)
         else:
             ax.axis("off")
     axes.flat[0].set_xlim(*_support(edges, dens, references))   # shared by every panel
@@ -109,18 +124,37 @@ def nu_density_grid(edges: np.ndarray, dens: np.ndarray, references: np.ndarray,
     return fig
 
 
-def top_distribution(dist: np.ndarray, title: str) -> Figure:
-    """Fig. 3b: share of images in which each patch is among the top columns, on the patch grid."""
+def top_distribution(dist: np.ndarray, title: str, label_all_up_to: int = 10, label_top: int = 5) -> Figure:
+    """Fig. 3b: share of the top-column picks that fell on each patch, on the patch grid, in % (sums to 100).
+
+    Grids of at most `label_all_up_to` patches a side have every cell labelled; larger ones (ViT-B/16:
+    14 x 14) are read from the colour bar, with only the `label_top` largest cells labelled, so that every
+    label stays at a legible 7 pt. The colour bar marks the share of a uniform choice (100 / patches)."""
     gh, gw = dist.shape
-    fig, ax = plt.subplots(figsize=(5.2, 4.4))
-    im = ax.imshow(dist, cmap="viridis", interpolation="nearest")
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="probability (sums to 1)")
+    pct = 100.0 * np.asarray(dist, np.float64)
+    cell = 0.5 if max(gh, gw) <= 10 else 0.36 if max(gh, gw) <= 16 else 0.22
+    fig, ax = plt.subplots(figsize=(max(4.8, cell * gw + 1.9), max(4.0, cell * gh + 1.0)))
+    im = ax.imshow(pct, cmap="viridis", interpolation="none", vmin=0)
+    cbar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the top-k picks (%)")
+    uniform = 100.0 / (gh * gw)
+    cbar.ax.axhline(uniform, color="white", lw=1.5, ls="--")
+    span = max(float(pct.max()), uniform)
+    ticks = [t for t in cbar.get_ticks() if 0 <= t <= span and (t == 0 or abs(t - uniform) > 0.08 * span)]
+    cbar.set_ticks(ticks + [uniform], labels=[f"{t:g}" for t in ticks] + [f"{uniform:.2g} uniform"])
     ax.set(xlabel="patch column", ylabel="patch row", title=title)
-    if gh * gw <= 256:
-        for i in range(gh):
-            for j in range(gw):
-                ax.text(j, i, f"{dist[i, j]:.3f}", ha="center", va="center", fontsize=5 if gw > 10 else 7,
-                        color="white" if dist[i, j] < 0.5 * dist.max() else "black")
+    step = 1 if gw <= 16 else max(1, gw // 8)
+    ax.set_xticks(range(0, gw, step))
+    ax.set_yticks(range(0, gh, step))
+    if max(gh, gw) <= label_all_up_to:
+        cells = [(i, j) for i in range(gh) for j in range(gw)]
+    else:
+        order = np.argsort(-pct, axis=None, kind="stable")[:label_top]
+        cells = [divmod(int(k), gw) for k in order if pct.flat[k] > 0]
+    norm, cmap = im.norm, im.get_cmap()
+    for i, j in cells:
+        r, g, b, _ = cmap(norm(pct[i, j]))
+        dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5
+        ax.text(j, i, f"{pct[i, j]:.1f}", ha="center", va="center", fontsize=7, color="white" if dark else "black")
     fig.tight_layout()
     return fig
 

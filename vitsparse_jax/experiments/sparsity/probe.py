@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from vitsparse_jax.experiments.sparsity import stats as st
@@ -18,16 +20,55 @@ class Probe:
     captures: tuple[str, ...]                  # capture names of the forward pass
     layout: st.AttentionLayout | st.ChannelLayout
     token_index: tuple[np.ndarray | None, ...] = ()   # Swin: window column -> raster token, per block
+    norm_captures: tuple[str, ...] = ()        # SPEC sec. 7: 'embed' and every block output, whose token norms
+                                               # are measured (ViTs; () = off)
 
-    def column_means(self, aux: dict[str, jax.Array], block: int) -> tuple[jax.Array, jax.Array]:
-        """Block `block`'s captured maps -> mu (B, prefix + patches) and mu_h (B, heads, prefix + patches)."""
+    @property
+    def all_captures(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(self.captures + self.norm_captures))
+
+    def column_means(self, aux: dict[str, jax.Array], block: int) -> tuple[st.Pair, st.Pair]:
+        """Block `block`'s captured maps -> mu (B, prefix + patches) and mu_h (B, heads, prefix + patches), each
+        as a (float32 mean, its rounding error) pair."""
         probs, index = aux[self.captures[block]], self.token_index[block]
-        return st.attention_column_means(probs) if index is None else st.window_column_means(probs, index)
+        if index is None:
+            return st.attention_column_means_split(probs)
+        return st.window_column_means_split(probs, index)
 
-    def reduce(self, aux: dict[str, jax.Array]) -> tuple[list[jax.Array], jax.Array]:
-        """Attention captures -> every block's mu and the last block's mu_h."""
-        means = [self.column_means(aux, l) for l in range(len(self.names))]
-        return [mu for mu, _ in means], means[-1][1]
+    def reduce(self, aux: dict[str, jax.Array]) -> dict[str, Any]:
+        """Captures -> the per-image device values that the host turns into statistics (`host_values`)."""
+        if self.kind == "attention":
+            means = [self.column_means(aux, l) for l in range(len(self.names))]
+            out = {"mu": [mu for mu, _ in means], "last_mu_h": means[-1][1]}
+            if self.norm_captures:   # (B, blocks + 1, N)
+                out["norms"] = jnp.stack([jnp.linalg.norm(aux[c].astype(jnp.float32), axis=-1)
+                                          for c in self.norm_captures], axis=1)
+            return out
+        acts = [aux[n] for n in self.names]
+        return {"l1": [st.channel_l1(a) for a in acts], "active": jnp.stack([st.active_fraction(a) for a in acts], 1)}
+
+    def host_values(self, reduced: dict[str, Any]) -> dict[str, np.ndarray]:
+        """`reduce`'s output on the host -> every statistic of each image (float64), for `st.accumulate`."""
+        if self.kind == "attention":
+            mus = [st.hi_lo(m) for m in reduced["mu"]]
+            values = st.attention_image_values(mus, st.hi_lo(reduced["last_mu_h"]), self.layout)
+            if "norms" in reduced:
+                values.update(st.norm_image_values(mus, np.asarray(reduced["norms"], np.float64), self.layout))
+            return values
+        return st.channel_image_values(reduced["l1"], reduced["active"], self.layout)
+
+    def image_rows(self, reduced: dict[str, Any]) -> dict[str, np.ndarray]:
+        """Per-image outputs (`sparsity.per_image`): the last block's mu over all columns, its top-k patch
+        columns (token indices, k = `layout.top_k`) and, when measured, the token norms of the last block's
+        input and output."""
+        lay = self.layout
+        mu = st.hi_lo(reduced["mu"][-1])
+        top = np.argsort(-mu[:, lay.prefix:], axis=-1, kind="stable")[:, :lay.top_k] + lay.prefix
+        rows = {"mu_last": mu.astype(np.float32), "top_columns": top.astype(np.int32)}
+        if "norms" in reduced:
+            norms = np.asarray(reduced["norms"], np.float32)
+            rows.update(norm_in=norms[:, -2], norm_out=norms[:, -1])
+        return rows
 
 
 @dataclasses.dataclass
@@ -39,3 +80,4 @@ class Example:
     top_cells: list[tuple[int, int]]  # (row, col) on the last block's grid of its top-3 columns
     heads: np.ndarray                 # Fig. S1: (heads, rows, cols) maps of one block
     heads_title: str
+    norm_scatter: dict[str, np.ndarray] | None = None   # SPEC sec. 7: last block's mu and input norms, a few images

@@ -5,7 +5,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from vitsparse_jax.experiments import sanity
 from vitsparse_jax.experiments.sparsity import figures as figs
+from vitsparse_jax.experiments.sparsity import norms
 from vitsparse_jax.experiments.sparsity import stats as st
 from vitsparse_jax.experiments.sparsity.probe import Example, Probe
 from vitsparse_jax.runtime.workdir import Workdir
@@ -97,14 +99,29 @@ def attention_outputs(workdir: Workdir, name: str, probe: Probe, res: dict, ex: 
     save(figs.top_distribution(res["top_distribution"],
                                f"top {100 * top_fraction:g}% (k={lay.top_k}) of {names[-1]}, {ranked}"),
          "fig3b_top_patches", f"Fig. 3b: how often each patch is among the top k = {lay.top_k} columns of the "
-         f"last block (ranked by {ranked}), normalised to sum 1.")
+         f"last block (ranked by {ranked}), in % of all picks (sums to 100); dashed on the colour bar: a "
+         "uniform choice.")
     if ex is not None:
         save(figs.all_heads(ex.heads, ex.heads_title), "figS1_all_heads", f"Fig. S1: {ex.heads_title}.")
     save(figs.nu_density_grid(edges, dens, res["nu_reference"], names), "figS4_nu_density_blocks",
          "Fig. S4: density of nu for every block.")
     save(figs.top_share(lay.top_fractions, res["top_share"], res["top_share_uniform"], short, "columns"),
          "top_share", "Share of the patch columns' attention mass held by the top p% columns (mean over images).")
+    if res.get("norms") is not None:   # SPEC sec. 7
+        norm_rows = norms.rows(names, res)
+        workdir.write_csv("norms.csv", norm_rows)
+        if ex is not None and ex.norm_scatter is not None:
+            save(norms.mu_norm_figure(ex.norm_scatter, lay.prefix_kinds, f"{name}: {names[-1]}"),
+                 "norms_mu_vs_input_norm", f"SPEC sec. 7: mu of the last block's columns against the norm of the "
+                 f"same token at the block's input, {len(ex.norm_scatter['mu'])} images from {ex.index} on "
+                 "(log-log; prefix tokens marked).")
+        save(norms.depth_figure([(name, res)]), "norms_vs_depth",
+             f"SPEC sec. 7: share of each block's top-5% mu columns that are high-norm tokens (norm > "
+             f"{res['norms']['norm_factor']:g} x median) of its input (dotted: chance), Spearman r(mu, input norm) "
+             "and the mu mass on register tokens, against relative depth.")
     tables = ["## Blocks", "", markdown_table(rows), "",
+              *(["## Sparse columns and high-norm tokens (SPEC sec. 7)", "", markdown_table(norm_rows), ""]
+                if res.get("norms") is not None else []),
               f"## Head-by-head r ({names[-1]}, Fig. 2a)", "",
               markdown_table(matrix_rows(res["corr_heads"], heads, "head")), "",
               "## Layer-by-layer r (Fig. 2b)", "", markdown_table(matrix_rows(res["corr_layers"], names, "block"))]
@@ -130,9 +147,11 @@ def cnn_outputs(workdir: Workdir, name: str, probe: Probe, res: dict) -> tuple[F
 
 def write_report(workdir: Workdir, summary: dict, figures: Figures, tables: list[str]) -> None:
     m = summary["model"]
+    prov = summary.get("provenance") or sanity.provenance(m)
     lines = [f"# Sparsity: {summary['name']} ({summary['kind']})", "",
-             f"Model `{summary['name']}` ({m['family']}), weights: {m['weights']}. Data: {summary['data']['name']}, "
-             f"{summary['images']} images ({summary['images_skipped']} skipped).", ""]
+             f"Model `{summary['name']}` ({m['family']}), weights: {prov['kind']}, {prov['detail']}. Data: "
+             f"{summary['data']['name']}, {summary['images']} images ({summary['images_skipped']} skipped).", ""]
+    lines += sanity.markdown(summary.get("warnings", ()))
     for stem, caption in figures:
         lines += [f"![{stem}]({stem}.png)", "", caption, ""]
     lines += tables + ["", "## Choices", ""] + [f"- {k}: {v}" for k, v in summary["choices"].items()]
@@ -152,6 +171,8 @@ def write_outputs(workdir: Workdir, summary: dict, probe: Probe, res: dict, ex: 
         figures, tables = cnn_outputs(workdir, summary["name"], probe, res)
         layout = {"channels": lay.channels}
     summary = {**summary, "layout": layout, "figures": [stem for stem, _ in figures],
+               "provenance": sanity.provenance(summary["model"]),
+               "warnings": sanity.emit(sanity.weights_warnings(summary["name"], summary["model"])),
                "statistics": {**res, "nu_bin_edges": st.bin_edges(*lay.nu_range)}}
     workdir.write_json("results.json", summary)
     write_report(workdir, summary, figures, tables)

@@ -3,8 +3,9 @@
   python -m vitsparse_jax.main --config=configs/sparsity.py [--config.model=...]
 
 One streaming pass over the dataset (`resumable.run_resumable`): each batch's clean forward pass captures
-the post-softmax maps (or post-ReLU maps), reduces them on device to float32 sums
-(`sparsity_stats.*_batch_sums`) and the host adds those in float64. Then: results.json, CSV tables,
+the post-softmax maps (or post-ReLU maps) and reduces them on device to per-image vectors (column
+means with their rounding error, channel l1 scores); the host computes each image's statistics in
+float64 and adds the images in dataset order (`stats.accumulate`). Then: results.json, CSV tables,
 figures (PNG + PDF) and report.md. Definitions: SPEC sections 2 and 4; our choices: docs/sparsity.md.
 """
 from __future__ import annotations
@@ -18,17 +19,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from vitsparse_jax import data
-from vitsparse_jax.experiments.sparsity import report
+from vitsparse_jax.experiments.sparsity import compare, norms, report
 from vitsparse_jax.experiments.sparsity import stats as st
 from vitsparse_jax.experiments.sparsity.probe import Example, Probe
 from vitsparse_jax.models import swin as swin_models
-from vitsparse_jax.runtime import parallel, resumable
+from vitsparse_jax.runtime import fingerprint, parallel, resumable
 from vitsparse_jax.runtime.workdir import Workdir, versions
 from vitsparse_jax.weights.loading import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
 ATTENTION_FAMILIES = ("vit", "swin")
-CNN_FAMILIES = ("vgg", "resnet")
+CNN_FAMILIES = ("vgg", "resnet", "convnext")
 KINDS = ("auto", "attention", "cnn")
 
 # Written next to every result (results.json, report.md): what the statistics are, where a choice was made.
@@ -36,7 +37,7 @@ ATTENTION_CHOICES = {
     "mu": "mu[l,j] = mean over heads and all query rows (class row included) of column j of the post-softmax "
           "map; the prefix (class/distillation) columns are left out of every statistic after that",
     "correlation": "one pooled Pearson r over all (image, patch column) values (published code), merged "
-                   "batch by batch from centred float64 co-moments",
+                   "image by image, in dataset order, from centred float64 co-moments",
     "nu_reference": "-log10 of the mean of mu over patch columns and images",
     "top_k": "k = round(fraction * patches) (Python's round, as the ablation); ties go to the lower patch index",
 }
@@ -74,7 +75,7 @@ def resolve_kind(requested: str, family: str, model: str) -> str:
     if requested == "attention":
         raise ValueError(f"{model} is a {family.upper()} CNN: it has no attention maps. Use sparsity.kind='auto' "
                          "or 'cnn' for its channel l1 statistics (SPEC sec. 3, CNN)")
-    raise ValueError(f"{model} is a transformer ({family}): sparsity.kind='cnn' needs a VGG or ResNet; "
+    raise ValueError(f"{model} is a transformer ({family}): sparsity.kind='cnn' needs a CNN (VGG, ResNet, ConvNeXt); "
                      "use 'auto' or 'attention'")
 
 
@@ -125,11 +126,16 @@ def attention_probe(loaded: LoadedModel, cfg: Any) -> Probe:
     if cfg.top_by == "head_index":
         top_head = resolve_index(int(cfg.top_head), heads, "sparsity.top_head (a head of the last block)")
     last = grids[-1][0] * grids[-1][1]
+    norms = bool(cfg.get("token_norms", False)) and not swin    # SPEC sec. 7 (ViT tokens; Swin: not measured)
+    factor = float(cfg.get("norm_factor", 2.0))
+    if norms and not factor > 0:
+        raise ValueError(f"sparsity.norm_factor must be > 0 (high-norm = norm > factor x median), got {factor}")
     layout = st.AttentionLayout(
         grids=grids, prefix=info.num_prefix_tokens, heads=heads, corr_grid=corr_grid, nu_range=_nu_range(cfg),
         top_k=st.num_top(float(cfg.top_fraction), last), top_head=top_head,
-        top_fractions=_fractions(cfg))
-    return Probe("attention", names, probs, layout, index)
+        top_fractions=_fractions(cfg), prefix_kinds=tuple(getattr(info, "prefix_kinds", ())),
+        norm_factor=factor if norms else None)
+    return Probe("attention", names, probs, layout, index, ("embed", *names) if norms else ())
 
 
 def channel_probe(loaded: LoadedModel, cfg: Any) -> Probe:
@@ -145,21 +151,14 @@ def make_probe(loaded: LoadedModel, cfg: Any) -> Probe:
     return attention_probe(loaded, cfg) if kind == "attention" else channel_probe(loaded, cfg)
 
 
-def batch_sums_fn(loaded: LoadedModel, probe: Probe) -> Callable[..., dict[str, jax.Array]]:
-    """jit(variables, batch) -> the batch's float32/int32 sums (replicated over the mesh)."""
+def device_values_fn(loaded: LoadedModel, probe: Probe) -> Callable[..., dict[str, Any]]:
+    """jit(variables, image) -> the batch's per-image vectors (`Probe.reduce`): what leaves the device."""
     cfg = loaded.pretrained_cfg
 
     @jax.jit
-    def fn(variables: Any, image: jax.Array, valid: jax.Array, index: jax.Array) -> dict[str, jax.Array]:
-        _, aux = loaded.module.apply(variables, data.normalize(image, cfg), capture=probe.captures)
-        w = valid.astype(jnp.float32)
-        if probe.kind == "attention":
-            mus, mu_h = probe.reduce(aux)
-            sums = st.attention_batch_sums(mus, mu_h, w, probe.layout)
-        else:
-            sums = st.channel_batch_sums([aux[n] for n in probe.names], w, probe.layout)
-        sums["skipped"] = jnp.sum((index >= 0) & ~valid).astype(jnp.int32)   # unreadable images
-        return sums
+    def fn(variables: Any, image: jax.Array) -> dict[str, Any]:
+        _, aux = loaded.module.apply(variables, data.normalize(image, cfg), capture=probe.all_captures)
+        return probe.reduce(aux)
 
     return fn
 
@@ -169,31 +168,51 @@ def batch_sums_fn(loaded: LoadedModel, probe: Probe) -> Callable[..., dict[str, 
 
 def collect(loaded: LoadedModel, probe: Probe, source: data.Source, mesh: jax.sharding.Mesh, config: Any,
             workdir: Workdir, stop_after_batches: int | None = None) -> dict[str, np.ndarray]:
-    """Totals (float64 / int64) of the per-batch sums over every image of `source` (resumable)."""
+    """Totals (float64 / int64) of the per-image statistics over every image of `source` (resumable)."""
     batch_size = int(config.data.batch_size)
-    fn = batch_sums_fn(loaded, probe)
+    fn = device_values_fn(loaded, probe)
     variables = parallel.replicate(loaded.variables, mesh)
-    shapes = jax.eval_shape(fn, variables, *(jax.ShapeDtypeStruct(s, d) for s, d in (
-        ((batch_size, loaded.info.img_size, loaded.info.img_size, 3), jnp.uint8), ((batch_size,), jnp.bool_),
-        ((batch_size,), jnp.int32))))
+
+    per_image = bool(config.sparsity.get("per_image", False))
+    if per_image and probe.kind != "attention":
+        raise ValueError("sparsity.per_image writes the last block's mu and token norms: it needs a transformer "
+                         f"(got {loaded.name}, a CNN); leave it False")
+
+    def empty() -> dict[str, np.ndarray]:
+        size = loaded.info.img_size
+        shapes = jax.eval_shape(fn, variables, jax.ShapeDtypeStruct((1, size, size, 3), jnp.uint8))
+        one = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+        acc = {**st.empty_totals(probe.host_values(one)), "skipped": np.zeros((), np.int64)}
+        if per_image:   # one row per image of the dataset, filled as its batch passes (kept in the resume state)
+            acc.update({f"{PER_IMAGE}{k}": np.zeros((len(source), *v.shape[1:]), v.dtype)
+                        for k, v in probe.image_rows(one).items()})
+            acc[f"{PER_IMAGE}done"] = np.zeros(len(source), bool)
+        return acc
 
     def process(batch: dict[str, jax.Array], acc: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        sums = fn(variables, batch["image"], batch["valid"], batch["index"])
-        return st.accumulate(acc, parallel.to_host(sums))
+        reduced = parallel.to_host(fn(variables, batch["image"]))
+        valid, index = parallel.to_host((batch["valid"], batch["index"]))
+        acc["skipped"] = acc["skipped"] + np.sum((index >= 0) & ~valid)   # unreadable images
+        if per_image:
+            for k, v in probe.image_rows(reduced).items():
+                acc[f"{PER_IMAGE}{k}"][index[valid]] = v[valid]
+            acc[f"{PER_IMAGE}done"][index[valid]] = True
+        return st.accumulate(acc, probe.host_values(reduced), valid)
 
     s = config.sparsity
-    key = {"experiment": "sparsity", "model": loaded.name, "weights": loaded.weights,
+    key = {"experiment": "sparsity", "model": loaded.name, "weights": fingerprint.weights(loaded.weights),
            "data": {"identity": source.identity, "name": source.name, "images": len(source)},
            "statistics": {"kind": probe.kind, "layers": probe.names, "top_fraction": s.top_fraction,
                           "top_by": s.top_by, "top_head": s.top_head, "nu": _nu_range(s),
-                          "top_fractions": tuple(s.top_fractions)}}
+                          "top_fractions": tuple(s.top_fractions), "norm_factor": getattr(probe.layout, "norm_factor", None),
+                          "per_image": bool(s.get("per_image", False))}}
     return resumable.run_resumable(
         workdir, key=key, total=len(source), batch_size=batch_size, resume=config.resume,
         progress=config.progress, desc=f"sparsity {loaded.name}", is_writer=jax.process_index() == 0,
         batches_from=lambda start: data.batches(source, loaded.pretrained_cfg, batch_size, mesh, start=start,
                                                 cache_dir=config.data.get("cache_dir") or None,
                                                 num_workers=config.data.get("num_workers") or None),
-        init=lambda: st.zeros_like_sums(shapes), process=process, stop_after_batches=stop_after_batches)
+        init=empty, process=process, stop_after_batches=stop_after_batches)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -236,8 +255,8 @@ def example(loaded: LoadedModel, probe: Probe, source: data.Source, mesh: jax.sh
     captures = (probe.captures[last], probe.captures[s1])
     _, aux = jax.jit(lambda v, x: loaded.module.apply(v, x, capture=captures))(
         loaded.variables, data.normalize(batch["image"][:1], loaded.pretrained_cfg))
-    _, mu_h = probe.column_means(aux, last)
-    mu_s1, _ = probe.column_means(aux, s1)
+    mu_h = st.hi_lo(probe.column_means(aux, last)[1])
+    mu_s1 = st.hi_lo(probe.column_means(aux, s1)[0])
     p, grid = lay.prefix, lay.grids[last]
     # Fig. 1: the brightest patch columns of this head (its mu_h); S1: around the block's brightest column
     top = np.argsort(-np.asarray(mu_h)[0, head, p:], kind="stable")[:3]
@@ -261,6 +280,18 @@ def check_not_empty(source: data.Source) -> data.Source:
     return source
 
 
+PER_IMAGE = "per_image__"   # prefix of the per-image rows inside the totals (sparsity.per_image)
+PER_IMAGE_FILE = "per_image.npz"
+
+
+def write_per_image(workdir: Workdir, rows: dict[str, np.ndarray], source: data.Source) -> None:
+    """`per_image.npz` (compressed): one row per readable image, keyed by its global index and file name."""
+    done = np.flatnonzero(rows.pop("done"))
+    arrays = {"index": done.astype(np.int64), "file_name": np.array([source.key(int(i)) for i in done]),
+              **{k: v[done] for k, v in rows.items()}}
+    workdir.write_npz(PER_IMAGE_FILE, arrays)
+
+
 def measure(config: Any, workdir: Workdir, loaded: LoadedModel, source: data.Source, mesh: jax.sharding.Mesh,
             outputs: bool = True, stop_after_batches: int | None = None) -> dict[str, Any]:
     """Statistics of one model over `source`; returns the results.json content.
@@ -272,9 +303,12 @@ def measure(config: Any, workdir: Workdir, loaded: LoadedModel, source: data.Sou
     probe = make_probe(loaded, cfg)
     choice = example_choice(probe, source, cfg) if probe.kind == "attention" else None
     totals = collect(loaded, probe, source, mesh, config, workdir, stop_after_batches)
+    rows = {k.removeprefix(PER_IMAGE): totals.pop(k) for k in list(totals) if k.startswith(PER_IMAGE)}
     if int(totals["images"]) == 0:
         raise ValueError(f"none of the {len(source)} images of {source.name} could be read")
     ex = example(loaded, probe, source, mesh, choice) if choice and outputs else None
+    if ex is not None and probe.norm_captures:
+        ex.norm_scatter = norms.scatter_values(loaded, probe, source, mesh, choice.image)
     if probe.kind == "attention":
         res = st.attention_results(totals, probe.layout)
     else:
@@ -287,13 +321,32 @@ def measure(config: Any, workdir: Workdir, loaded: LoadedModel, source: data.Sou
                "versions": versions()}
     if outputs and jax.process_index() == 0:
         log.info("sparsity of %s over %d images: writing to %s", loaded.name, res["images"], workdir.root)
+        if rows:
+            write_per_image(workdir, rows, source)
         return report.write_outputs(workdir, summary, probe, res, ex)
     return {**summary, "statistics": res}
+
+
+def model_names(config: Any) -> list[str]:
+    """`sparsity.models` (comma-separated, duplicates an error) or else `config.model`."""
+    listed = [m.strip() for m in str(config.sparsity.get("models", "") or "").split(",") if m.strip()]
+    if len(set(listed)) != len(listed):
+        raise ValueError(f"sparsity.models names a model twice: {','.join(listed)}")
+    return listed or [config.model]
 
 
 def run(config: Any, workdir: Workdir) -> dict[str, Any]:
     mesh = parallel.make_mesh()
     parallel.check_batch_size(mesh, int(config.data.batch_size))
+    names = model_names(config)
     source = check_not_empty(data.make_eval_source(config.data))
-    loaded = load_model(config.model, config.weights, config.checkpoint_dir, config.seed)
-    return measure(config, workdir, loaded, source, mesh)
+    if len(names) == 1:
+        loaded = load_model(names[0], config.weights, config.checkpoint_dir, config.seed)
+        return measure(config, workdir, loaded, source, mesh)
+    summaries = []
+    for name in names:   # the same images for every model; each model resumes in its own folder
+        loaded = load_model(name, config.weights, config.checkpoint_dir, config.seed)
+        summaries.append(measure(config, Workdir(workdir.path(compare.model_dir(name))), loaded, source, mesh))
+    if jax.process_index() != 0:
+        return {"models": names}
+    return compare.write_comparison(workdir, summaries, config.to_dict())
