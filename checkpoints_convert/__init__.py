@@ -1,8 +1,11 @@
 """Converts timm weights into vitsparse_jax checkpoints; the only code that knows timm's parameter names.
 
-    python -m checkpoints_convert --model vit_base_patch16_224.augreg_in21k_ft_in1k --out checkpoints/
+    python -m checkpoints_convert --model resnet50.tv_in1k --from-file resnet50.pth --out checkpoints/
+    python -m checkpoints_convert.make_cfg_table     # regenerate the shipped table of timm's pretrained cfgs
 
-Needs torch (and timm for live modules / timm's registry cfgs); loading the result needs neither.
+The per-family key maps (`vit.py`, `swin.py`, `vgg.py`, `resnet.py`) need numpy only; experiments use them
+directly to convert hub weights on first use (`vitsparse_jax.weights.hub`). torch is needed only to read
+.pth/.bin files and live timm modules, timm only for its registry.
 """
 from checkpoints_convert.convert import (
                                          CFG_KEYS,

@@ -1,14 +1,16 @@
 """timm weights -> this project's converted checkpoints (safetensors + JSON, see docs/design.md).
 
-Sources: the Hugging Face hub (`timm/<arch>.<tag>`), a local .safetensors/.pth/.bin, or a live timm
-module. The per-family key mapping lives in `checkpoints_convert/<family>.py` as
-`convert_state_dict(sd: dict[str, np.ndarray], module) -> dict[str, np.ndarray]` (flat Flax paths).
-torch is imported lazily, only where a torch file or module is read.
+Sources: the Hugging Face hub (`timm/<arch>.<tag>`), a local .safetensors/.pth/.bin (a training checkpoint,
+a hub snapshot), or a live timm module. The per-family key mapping lives in `checkpoints_convert/<family>.py`
+as `convert_state_dict(sd: dict[str, np.ndarray], module) -> dict[str, np.ndarray]` (flat Flax paths, numpy
+only). Reading .safetensors and converting needs neither torch nor timm (`vitsparse_jax.weights.timm_state`);
+torch is imported lazily, only where a .pth/.bin file or a live module is read, and timm only for its registry.
+
+Experiments do not need this step: `--config.model=<arch>.<tag>` fetches and converts hub weights itself
+(`vitsparse_jax.weights.hub`). This CLI is for local files and training checkpoints.
 """
 from __future__ import annotations
 
-import importlib
-import json
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -16,74 +18,32 @@ import flax.linen as nn
 import numpy as np
 
 from vitsparse_jax import models
-from vitsparse_jax.weights import checkpoint
+from vitsparse_jax.weights import checkpoint, hub, pretrained, timm_state
 from vitsparse_jax.weights.checkpoint import CheckpointError
-
-# The pretrained_cfg fields kept in the JSON (timm's names).
-CFG_KEYS = ("tag", "input_size", "crop_pct", "crop_mode", "interpolation", "mean", "std", "num_classes")
-# Wrapper keys of training checkpoints that hold the state dict.
-WRAPPER_KEYS = ("model", "state_dict")
-
+from vitsparse_jax.weights.pretrained import CFG_KEYS, clean_cfg
+from vitsparse_jax.weights.timm_state import build_module, convert_state_dict
 
 # --- state dicts ---------------------------------------------------------------------------------------
 
-def state_dict_to_numpy(sd: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """torch tensors -> numpy (floating point as float32). BatchNorm's `num_batches_tracked` counters are
-    training bookkeeping and are dropped; DDP / torch.compile key prefixes are removed."""
-    import torch
 
+def state_dict_to_numpy(sd: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """torch tensors (or arrays) -> numpy, floating point as float32. BatchNorm's `num_batches_tracked`
+    counters are training bookkeeping and are dropped; DDP / torch.compile key prefixes are removed."""
     out = {}
     for key, value in sd.items():
-        if key.endswith("num_batches_tracked"):
-            continue
-        for prefix in ("_orig_mod.", "module.", "_orig_mod."):
-            key = key.removeprefix(prefix)
-        if isinstance(value, torch.Tensor):
+        if hasattr(value, "detach"):   # a torch.Tensor; torch is already imported by whoever made it
             value = value.detach().cpu()
             value = (value.float() if value.is_floating_point() else value).numpy()
-        out[key] = np.asarray(value)
-    return out
+        out[key] = value
+    return timm_state.clean_state_dict(out)
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, np.ndarray]:
-    """A timm state dict from .safetensors, or from .pth/.pt/.bin via torch.load(weights_only=True)."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        import safetensors.torch  # torch-backed: reads bfloat16 / float16 too
-
-        sd = safetensors.torch.load_file(str(path))
-    elif path.suffix in (".pth", ".pt", ".bin"):
-        import torch
-
-        sd = torch.load(str(path), map_location="cpu", weights_only=True)   # never unpickles objects
-        for key in WRAPPER_KEYS:
-            if isinstance(sd, Mapping) and isinstance(sd.get(key), Mapping):
-                sd = sd[key]
-                break
-    else:
-        raise ValueError(f"{path}: expected a .safetensors, .pth, .pt or .bin file")
-    if not isinstance(sd, Mapping):
-        raise ValueError(f"{path} does not hold a state dict (got {type(sd).__name__})")
-    return state_dict_to_numpy(sd)
-
-
-def convert_state_dict(sd: Mapping[str, np.ndarray], module: nn.Module) -> dict[str, np.ndarray]:
-    """Dispatches to `checkpoints_convert.<family>.convert_state_dict`; returns flat Flax paths."""
-    family = models.model_info(module).family
-    mapper = importlib.import_module(f"checkpoints_convert.{family}")
-    return mapper.convert_state_dict(dict(sd), module)
+    """A timm state dict from .safetensors (numpy, no torch) or .pth/.pt/.bin (torch.load(weights_only=True))."""
+    return timm_state.read_state_dict(path)
 
 
 # --- pretrained_cfg ---------------------------------------------------------------------------------------
-
-def clean_cfg(cfg: Mapping[str, Any], **updates: Any) -> dict[str, Any]:
-    """The CFG_KEYS of a timm pretrained_cfg (dict or PretrainedCfg), tuples as lists, plus `updates`."""
-    if not isinstance(cfg, Mapping):
-        cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else vars(cfg)
-    out = {k: cfg[k] for k in CFG_KEYS if cfg.get(k) is not None}
-    out.update({k: v for k, v in updates.items() if v is not None})
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
-
 
 def timm_registry_cfg(arch: str, tag: str | None) -> dict[str, Any] | None:
     """timm's pretrained_cfg for arch.tag when timm is installed and knows it, else None."""
@@ -96,78 +56,58 @@ def timm_registry_cfg(arch: str, tag: str | None) -> dict[str, Any] | None:
 
 
 def default_cfg(arch: str) -> dict[str, Any]:
-    return clean_cfg(models.model_info(models.create_model(arch)).default_cfg)
+    return pretrained.arch_default_cfg(arch)
 
 
 def resolve_cfg(arch: str, tag: str | None, hub_config: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """pretrained_cfg from, in order: a timm hub config.json, timm's registry, the arch's default cfg."""
-    if hub_config is not None and "pretrained_cfg" in hub_config:
-        cfg = clean_cfg(hub_config["pretrained_cfg"], num_classes=hub_config.get("num_classes"))
-    else:
-        cfg = timm_registry_cfg(arch, tag) or default_cfg(arch)
+    """pretrained_cfg from, in order: a timm hub config.json, the shipped table, timm's registry (an arch the
+    table does not list yet), the arch's default cfg."""
+    cfg = (pretrained.from_hub_config(hub_config) or pretrained.table_cfg(arch, tag)
+           or (None if pretrained.in_table(arch) else timm_registry_cfg(arch, tag)) or default_cfg(arch))
     if tag:
         cfg["tag"] = tag
     return cfg
 
 
-def build_module(arch: str, cfg: Mapping[str, Any], **overrides: Any) -> nn.Module:
-    """The Flax module of `arch` with the classifier (and image size) that the weights have."""
-    default = models.model_info(models.create_model(arch))
-    if cfg.get("num_classes") is not None and int(cfg["num_classes"]) != default.num_classes:
-        overrides.setdefault("num_classes", int(cfg["num_classes"]))
-    if cfg.get("input_size") and int(cfg["input_size"][-1]) != default.img_size:
-        overrides.setdefault("img_size", int(cfg["input_size"][-1]))
-    return models.create_model(arch, **overrides)
-
-
 # --- sources ----------------------------------------------------------------------------------------------
 
 def hub_repo_id(arch: str, tag: str) -> str:
-    return f"timm/{arch}.{tag}"
+    return pretrained.hub_location(arch, tag)[0]
 
 
-def download_from_hub(arch: str, tag: str, cache_dir: str | None = None) -> tuple[Path, dict[str, Any]]:
-    """Downloads timm's weights (model.safetensors, else pytorch_model.bin) and config.json."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
-
-    repo = hub_repo_id(arch, tag)
-    try:
-        weights = hf_hub_download(repo, "model.safetensors", cache_dir=cache_dir)
-    except EntryNotFoundError:
-        weights = hf_hub_download(repo, "pytorch_model.bin", cache_dir=cache_dir)
-    config = json.loads(Path(hf_hub_download(repo, "config.json", cache_dir=cache_dir)).read_text())
-    return Path(weights), config
+def download_from_hub(arch: str, tag: str, cache_dir: str | None = None) -> tuple[Path, dict[str, Any] | None]:
+    """timm's weights (model.safetensors, else pytorch_model.bin) and config.json, via huggingface_hub's cache."""
+    files = hub.download(arch, tag, cache_dir)
+    return files.weights, files.config
 
 
 def convert(name: str, out_dir: str | Path, *, from_file: str | Path | None = None,
             num_classes: int | None = None, cache_dir: str | None = None, **overrides: Any) -> Path:
     """Converts `arch[.tag]` from the hub, or from `from_file`, and writes it to `out_dir`.
 
-    The tag defaults to the arch's default tag (hub) or 'local' (file). A `config.json` next to
-    `from_file` (a hub snapshot) supplies the pretrained_cfg. Returns the .safetensors path.
+    The tag defaults to the arch's default tag (hub) or the snapshot's / 'local' (file). A `config.json` next
+    to `from_file` (a hub snapshot) supplies the pretrained_cfg. Returns the .safetensors path.
     """
     arch, tag = models.split_name(name)
+    models.create_model(arch)   # unknown arch: ValueError with suggestions
     if from_file is not None:
         from_file = Path(from_file)
-        sidecar = from_file.parent / "config.json"
-        hub_config = json.loads(sidecar.read_text()) if sidecar.exists() else None
-        cfg = resolve_cfg(arch, tag, hub_config)
-        tag = tag or (hub_config or {}).get("pretrained_cfg", {}).get("tag") or "local"
-        cfg["tag"] = tag
-        sd, source = load_state_dict_file(from_file), f"file:{from_file.resolve()}"
+        weights = timm_state.weights_in(from_file) if from_file.is_dir() else from_file
+        hub_config = timm_state.sidecar_config(weights)
+        source = f"file:{from_file.resolve()}"
     else:
-        tag = tag or default_cfg(arch).get("tag")
+        tag = tag or pretrained.default_tag(arch)
         if not tag:
             raise ValueError(f"{arch} has no default tag; name one: {arch}.<tag>")
-        weights, hub_config = download_from_hub(arch, tag, cache_dir)
-        cfg = resolve_cfg(arch, tag, hub_config)
-        sd, source = load_state_dict_file(weights), f"hf-hub:{hub_repo_id(arch, tag)}"
-    if num_classes is not None:
-        cfg["num_classes"] = int(num_classes)
-    module = build_module(arch, cfg, **overrides)
-    variables = convert_state_dict(sd, module)
-    return checkpoint.save(out_dir, arch, tag, variables, cfg, source)
+        pretrained.check_tag(arch, tag)
+        files = hub.download(arch, tag, cache_dir)
+        weights, hub_config, source = files.weights, files.config, f"hf-hub:{files.repo_id}@{files.revision}"
+    cfg = resolve_cfg(arch, tag, hub_config)
+    tag = tag or ((hub_config or {}).get("pretrained_cfg") or {}).get("tag") or "local"
+    cfg["tag"] = tag
+    _, flat, cfg = timm_state.convert_file(arch, tag, weights, {"pretrained_cfg": cfg}, num_classes=num_classes,
+                                           **overrides)
+    return checkpoint.save(out_dir, arch, tag, flat, cfg, source)
 
 
 def convert_timm_module(timm_model: Any, module: nn.Module | None = None) -> tuple[dict[str, Any], dict[str, Any]]:

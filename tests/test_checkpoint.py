@@ -149,8 +149,11 @@ def test_convert_state_dict_errors_name_key_and_model():
         convert_state_dict(missing, module)
     with pytest.raises(CheckpointError, match=r"vit_pico_patch4_32.*'blocks\.0\.attn\.extra'"):
         convert_state_dict({**sd, "blocks.0.attn.extra": np.zeros(3, np.float32)}, module)
-    wrong = {**sd, "pos_embed": np.zeros((1, 64, 64), np.float32)}
-    with pytest.raises(CheckpointError, match=r"vit_pico_patch4_32.*'pos_embed'.*params/pos_embed"):
+    wrong = {**sd, "blocks.0.mlp.fc1.bias": np.zeros(7, np.float32)}
+    with pytest.raises(CheckpointError, match=r"vit_pico_patch4_32.*'blocks\.0\.mlp\.fc1\.bias'.*params/blocks_0/mlp"):
+        convert_state_dict(wrong, module)
+    wrong = {**sd, "pos_embed": np.zeros((1, 64, 64), np.float32)}   # no grid to resample from
+    with pytest.raises(CheckpointError, match=r"vit_pico_patch4_32.*'pos_embed'"):
         convert_state_dict(wrong, module)
 
 
@@ -215,3 +218,24 @@ def test_hub_names():
                    "mean": [0.5] * 3, "std": [0.5] * 3, "num_classes": 21843}
     module = checkpoints_convert.build_module("vit_base_patch16_224", cfg)
     assert models.model_info(module).num_classes == 21843
+
+
+def test_converted_weights_of_another_size_load_with_a_resampled_position_embedding(tmp_path):
+    """DINOv2's weights are converted at 518 px; run at 224 the loader resamples pos_embed as timm would and
+    the eval crop follows the module's size."""
+    from vitsparse_jax.weights import loading
+
+    arch, kw = "vit_small_patch14_dinov2", dict(depth=1, embed_dim=48, num_heads=2)
+    native = models.create_model(arch, **kw)
+    rng = np.random.default_rng(0)
+    flat = {k: rng.standard_normal(v.shape).astype(np.float32)
+            for k, v in checkpoint.flatten(models.variable_shapes(native)).items()}
+    info = models.model_info(native)
+    cfg = dict(info.default_cfg, num_classes=info.num_classes)
+    path = checkpoint.save(tmp_path, arch, "test", checkpoint.unflatten(flat), cfg, "test: random weights")
+    loaded = loading.load_model(arch, weights=str(path), img_size=224, **kw)
+    small = models.create_model(arch, img_size=224, **kw)
+    want = models.fit_variables(small, flat)["params/pos_embed"]
+    assert want.shape != flat["params/pos_embed"].shape
+    np.testing.assert_array_equal(np.asarray(loaded.variables["params"]["pos_embed"]), want)
+    assert loaded.info.img_size == 224 and loaded.pretrained_cfg["input_size"][-1] == 224

@@ -26,6 +26,10 @@ FORMAT_VERSION = 1
 SEP = "/"
 
 
+_RECONVERT = ("Convert it again (python -m checkpoints_convert --model ARCH.TAG --out DIR, or --from-file FILE), "
+              "or copy it again from where it came from.")
+
+
 class CheckpointError(ValueError):
     """A converted checkpoint does not fit the model (missing / unexpected / mis-shaped parameter, wrong model)."""
 
@@ -88,7 +92,15 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     _, meta_path = paths_for(path)
     if not meta_path.exists():
         raise CheckpointError(f"{meta_path} is missing (every converted .safetensors has a .json next to it)")
-    return json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{meta_path} is not valid JSON ({e}): the checkpoint's metadata is damaged. "
+                              f"{_RECONVERT}") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{meta_path} holds {type(meta).__name__}, not the checkpoint's metadata (a JSON "
+                              f"object). {_RECONVERT}")
+    return meta
 
 
 def load(path: str | os.PathLike, module: nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -109,7 +121,14 @@ def load(path: str | os.PathLike, module: nn.Module) -> tuple[dict[str, Any], di
                               f"models.create_model({model!r}, num_classes={ckpt_classes})")
     if not weights.exists():
         raise CheckpointError(f"{weights} is missing")
-    tensors = safetensors.numpy.load_file(str(weights))
+    try:
+        tensors = safetensors.numpy.load_file(str(weights))
+    except OSError as e:
+        raise CheckpointError(f"{weights} cannot be read: {e.strerror or e}") from e
+    except Exception as e:  # noqa: BLE001  (safetensors' own SafetensorError)
+        raise CheckpointError(f"{weights} cannot be read as .safetensors ({e}): it is truncated or damaged "
+                              f"(e.g. an interrupted copy or download). {_RECONVERT}") from None
+    tensors = models.fit_variables(module, tensors)   # e.g. DINOv2's 518 px position embedding run at 224
     expected = flatten(models.variable_shapes(module))
     check_tensors(tensors, {k: tuple(v.shape) for k, v in expected.items()}, model)
     variables = {k: jnp.asarray(tensors[k], dtype=expected[k].dtype) for k in expected}

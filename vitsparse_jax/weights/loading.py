@@ -1,21 +1,36 @@
-"""Model + weights by name: converted checkpoints, the shipped built-in ones, or untrained (timm init)."""
+"""Model + weights by name: built-in checkpoints, converted ones, timm's weights from the hub, or untrained.
+
+`weights` (the `--config.weights` of every experiment):
+
+- 'auto' (default): the built-in checkpoint of a built-in name (vitsparse_jax/assets/checkpoints), else a
+  converted `<checkpoint_dir>/<arch>.<tag>.safetensors`, else timm's weights on the Hugging Face hub
+  (`timm/<arch>.<tag>`, the arch's default tag when none is named), downloaded into huggingface_hub's cache
+  and converted once (`hub.fetch`);
+- 'builtin', 'checkpoint_dir' (or ''), 'hub': only that source;
+- 'untrained': timm's initialisation scheme, seeded, with the tag's pretrained_cfg (classifier, image size,
+  mean/std: the same preprocessing as the trained twin);
+- a path: a converted checkpoint (.safetensors with its .json), or a timm file (.safetensors, .pth, .bin,
+  or a hub snapshot folder), converted in memory.
+"""
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import flax.linen as nn
+import jax.numpy as jnp
 
 from vitsparse_jax import models
-from vitsparse_jax.weights import checkpoint
+from vitsparse_jax.weights import checkpoint, hub, pretrained, timm_state
 
 ASSETS = Path(__file__).parents[1] / "assets" / "checkpoints"
+AUTO = "auto"
 UNTRAINED = "untrained"
 BUILTIN = "builtin"
-# Pretrained tags whose classifier differs from the architecture's default (timm's pretrained_cfg).
-TAG_NUM_CLASSES = {"dino": 0, "augreg_in21k": 21843, "in21k": 21843}
+HUB = "hub"
+CHECKPOINT_DIR = "checkpoint_dir"
+KEYWORDS = (AUTO, UNTRAINED, BUILTIN, HUB, CHECKPOINT_DIR, "")
 
 
 @dataclasses.dataclass
@@ -23,10 +38,11 @@ class LoadedModel:
     module: nn.Module
     variables: Any
     info: models.ModelInfo
-    pretrained_cfg: dict          # input_size, crop_pct, interpolation, mean, std, num_classes
+    pretrained_cfg: dict          # input_size, crop_pct, crop_mode, interpolation, mean, std, num_classes, tag
     arch: str
     tag: str | None
     weights: str                  # where the weights came from: a path, or 'untrained (seed N)'
+    source: str = ""              # 'builtin' | 'checkpoint_dir' | 'file' | 'hf-hub:<repo>@<revision>' | 'untrained'
 
     @property
     def name(self) -> str:
@@ -37,69 +53,202 @@ class LoadedModel:
         return not self.weights.startswith(UNTRAINED)
 
     def describe(self) -> dict:
-        return {"model": self.arch, "tag": self.tag, "weights": self.weights,
+        return {"model": self.arch, "tag": self.tag, "weights": self.weights, "source": self.source,
                 "pretrained_cfg": self.pretrained_cfg, "family": self.info.family}
 
 
-def _convert_hint(arch: str, tag: str | None, checkpoint_dir: str) -> str:
-    name = f"{arch}.{tag}" if tag else arch
-    return (f"Convert the timm weights once with\n  python -m checkpoints_convert --model {name} "
-            f"--out {checkpoint_dir or 'checkpoints'}\n(needs `pip install -e .[convert]` and the Hugging Face "
-            f"hub, or --from-file for a local .safetensors/.pth), then pass --config.checkpoint_dir, or use "
-            f"--config.weights=untrained for timm's random initialisation.")
+@dataclasses.dataclass(frozen=True)
+class WeightsSource:
+    """Where the weights of one model come from, decided without downloading or converting anything."""
+    kind: str                     # 'builtin' | 'checkpoint_dir' | 'file' | 'hub' | 'untrained'
+    arch: str
+    tag: str | None
+    path: Path | None = None      # the file (builtin, checkpoint_dir, file)
+    repo_id: str | None = None    # the Hugging Face repository (hub)
+
+    def __str__(self) -> str:
+        where = self.repo_id or self.path or ""
+        return f"{self.kind}: {where}" if where else self.kind
+
+
+def _convert_hint(name: str, checkpoint_dir: str) -> str:
+    return (f"Use --config.weights=auto (timm's weights from the Hugging Face hub), or convert a local timm file: "
+            f"python -m checkpoints_convert --model {name} --from-file FILE --out {checkpoint_dir or 'checkpoints'}.")
+
+
+def _glob(arch: str, tag: str | None, folder: Path) -> list[Path]:
+    return sorted(folder.glob(f"{arch}.{tag}.safetensors" if tag else f"{arch}.*.safetensors"))
+
+
+def _pick(arch: str, tag: str | None, folder: Path, found: list[Path]) -> Path | None:
+    """The one checkpoint of `found`; without a tag and several found, the default tag's, else an error."""
+    if len(found) <= 1:
+        return found[0] if found else None
+    default = folder / f"{arch}.{pretrained.default_tag(arch)}.safetensors"
+    if default in found:
+        return default
+    raise ValueError(f"several converted checkpoints for {arch} in {folder}: "
+                     f"{', '.join(p.name for p in found)}; name one with --config.model={arch}.<tag>")
+
+
+def _find(arch: str, tag: str | None, folder: str | Path | None) -> Path | None:
+    if not folder or not Path(folder).is_dir():
+        return None
+    return _pick(arch, tag, Path(folder), _glob(arch, tag, Path(folder)))
 
 
 def find_checkpoint(arch: str, tag: str | None, checkpoint_dir: str) -> Path:
-    """The converted checkpoint of arch[.tag] in checkpoint_dir (the only one, when no tag is given)."""
+    """The converted checkpoint of arch[.tag] in checkpoint_dir (the only one, or the default tag's, when no
+    tag is given); FileNotFoundError naming the folder otherwise."""
+    name = f"{arch}.{tag}" if tag else arch
     folder = Path(checkpoint_dir) if checkpoint_dir else None
     if folder is None or not folder.is_dir():
-        raise FileNotFoundError(f"no converted weights for {arch}: checkpoint_dir {checkpoint_dir!r} is not a "
-                                f"folder. " + _convert_hint(arch, tag, checkpoint_dir))
-    pattern = f"{arch}.{tag}.safetensors" if tag else f"{arch}.*.safetensors"
-    found = sorted(folder.glob(pattern))
-    if not found:
+        raise FileNotFoundError(f"no converted weights for {name}: checkpoint_dir {checkpoint_dir!r} is not a "
+                                f"folder. " + _convert_hint(name, checkpoint_dir))
+    found = _find(arch, tag, folder)
+    if found is None:
+        pattern = f"{arch}.{tag}.safetensors" if tag else f"{arch}.*.safetensors"
         raise FileNotFoundError(f"no converted weights matching {pattern} in {folder}. "
-                                + _convert_hint(arch, tag, checkpoint_dir))
-    if len(found) > 1:
-        raise ValueError(f"several converted checkpoints for {arch} in {folder}: "
-                         f"{', '.join(p.name for p in found)}; name one with --config.model={arch}.<tag>")
-    return found[0]
+                                + _convert_hint(name, checkpoint_dir))
+    return found
 
 
-def load_model(name: str, weights: str = "", checkpoint_dir: str = "", seed: int = 0,
-               **overrides: Any) -> LoadedModel:
-    """Builds `name` ('arch' or 'arch.tag') with weights from:
+def _builtin_tags(arch: str) -> list[str]:
+    return [p.name[len(arch) + 1:-len(".safetensors")] for p in _glob(arch, None, ASSETS)]
 
-    - 'untrained': timm's initialisation scheme, seeded with `seed`;
-    - 'builtin': the checkpoints shipped in vitsparse_jax/assets (the project's own small models);
-    - a path to a converted .safetensors or .json;
-    - '' (default): `<checkpoint_dir>/<arch>.<tag>.safetensors`.
-    """
+
+def _hub_source(arch: str, tag: str | None) -> WeightsSource:
+    if not pretrained.is_timm_arch(arch):
+        raise ValueError(f"{arch} is one of this project's own models: the Hugging Face hub has no weights for it "
+                         f"(built-in tags: {', '.join(_builtin_tags(arch)) or 'none'})")
+    tag = tag or pretrained.default_tag(arch)
+    if not tag:
+        raise ValueError(f"{arch} has no default pretrained tag; name one: --config.model={arch}.<tag> "
+                         f"({pretrained.tags_hint(arch)})")
+    pretrained.check_tag(arch, tag)
+    if not pretrained.has_hub_weights(arch, tag):
+        raise ValueError(f"timm has no Hugging Face weights for {arch}.{tag}; {pretrained.tags_hint(arch)}")
+    return WeightsSource(HUB, arch, tag, repo_id=pretrained.hub_location(arch, tag)[0])
+
+
+def resolve_weights(name: str, weights: str = AUTO, checkpoint_dir: str = "") -> WeightsSource:
+    """Which source `load_model(name, weights, checkpoint_dir)` will use; checks names, tags and files but
+    downloads nothing. Unknown arch or tag: ValueError (with timm's tags); missing file: FileNotFoundError."""
     arch, tag = models.split_name(name)
+    models.create_model(arch)                           # an unknown arch fails here, with suggestions
+    weights = str(weights)
     if weights == UNTRAINED:
-        if tag in TAG_NUM_CLASSES:
-            overrides.setdefault("num_classes", TAG_NUM_CLASSES[tag])
-        module = models.create_model(arch, **overrides)
-        info = models.model_info(module)
-        variables = models.init_untrained(module, seed)
-        cfg = {**info.default_cfg, "num_classes": info.num_classes}
-        return LoadedModel(module, variables, info, cfg, arch, tag, f"{UNTRAINED} (seed {seed})")
+        if tag:
+            pretrained.check_tag(arch, tag)
+        return WeightsSource(UNTRAINED, arch, tag)
     if weights == BUILTIN:
-        path = find_checkpoint(arch, tag, str(ASSETS))
-    elif weights:
-        path = Path(weights)
-        if not path.exists():
-            raise FileNotFoundError(f"weights file {path} does not exist. " + _convert_hint(arch, tag, checkpoint_dir))
-    else:
-        path = find_checkpoint(arch, tag, checkpoint_dir)
-    meta_path = path.with_suffix(".json")
-    if meta_path.exists():  # build the classifier the checkpoint has (e.g. none for DINO)
-        num_classes = json.loads(meta_path.read_text()).get("pretrained_cfg", {}).get("num_classes")
-        if num_classes is not None:
-            overrides.setdefault("num_classes", int(num_classes))
+        path = _find(arch, tag, ASSETS)
+        if path is None:
+            have = ", ".join(p.stem for p in sorted(ASSETS.glob("*.safetensors")))
+            raise FileNotFoundError(f"no built-in checkpoint for {name}: the built-in ones are {have}. Use "
+                                    f"--config.weights=auto for timm's weights of a timm model.")
+        return WeightsSource(BUILTIN, arch, tag, path=path)
+    if weights in ("", CHECKPOINT_DIR):
+        return WeightsSource(CHECKPOINT_DIR, arch, tag, path=find_checkpoint(arch, tag, checkpoint_dir))
+    if weights == HUB:
+        return _hub_source(arch, tag)
+    if weights == AUTO:
+        for kind, folder in ((BUILTIN, ASSETS), (CHECKPOINT_DIR, checkpoint_dir)):
+            path = _find(arch, tag, folder)
+            if path is not None:
+                return WeightsSource(kind, arch, tag, path=path)
+        if not pretrained.is_timm_arch(arch):
+            raise FileNotFoundError(
+                f"no weights for {name}: it is one of this project's own models, not on the hub, and neither the "
+                f"built-in checkpoints (tags: {', '.join(_builtin_tags(arch)) or 'none'}) nor checkpoint_dir "
+                f"{checkpoint_dir!r} has it. Train it (configs/train.py), or pass --config.weights=/path/to/"
+                f"checkpoint.safetensors or --config.weights=untrained.")
+        return _hub_source(arch, tag)
+    path = Path(weights)
+    if not path.exists():
+        raise FileNotFoundError(f"weights file {path} does not exist. " + _convert_hint(name, checkpoint_dir))
+    return WeightsSource("file", arch, tag, path=path)
+
+
+def check_weights(names: Sequence[str], weights: str, checkpoint_dir: str) -> list[WeightsSource]:
+    """Resolves every model's weights before any compute (and, offline, that hub weights are cached)."""
+    if str(weights) not in KEYWORDS and len(names) > 1:
+        raise ValueError(f"weights={weights!r} names one file but {len(names)} models are listed; use "
+                         f"weights='auto' (built-in, checkpoint_dir, then the Hugging Face hub)")
+    sources, missing = [], []
+    for name in names:
+        try:
+            sources.append(resolve_weights(name, weights, checkpoint_dir))
+        except FileNotFoundError as e:
+            missing.append((name, e))
+    if hub.offline():
+        for s in sources:
+            if s.kind == HUB and not hub.is_cached(s.arch, s.tag):
+                missing.append((f"{s.arch}.{s.tag}", hub.unavailable(s.arch, s.tag, s.repo_id, hub.hub_cache_dir())))
+    if len(missing) == 1:
+        raise missing[0][1]
+    if missing:
+        raise FileNotFoundError(f"no weights for {len(missing)} of the {len(names)} models: "
+                                f"{', '.join(name for name, _ in missing)}. The first one's message: {missing[0][1]}")
+    return sources
+
+
+def _is_converted(path: Path) -> bool:
+    """A converted checkpoint: a .safetensors / .json pair whose .json is ours (has 'format_version')."""
+    if path.suffix not in (".safetensors", ".json") or not path.with_suffix(".json").exists():
+        return False
+    try:
+        return "format_version" in checkpoint.read_meta(path)
+    except checkpoint.CheckpointError:
+        raise   # a damaged .json beside the weights: say so, with the fix
+    except ValueError:
+        return False
+
+
+def _untrained(arch: str, tag: str | None, seed: int, overrides: dict) -> LoadedModel:
+    cfg = pretrained.resolve_cfg(arch, tag)               # the tag's cfg: the trained twin's preprocessing
+    for key, value in pretrained.module_overrides(arch, cfg).items():
+        overrides.setdefault(key, value)
+    module = models.create_model(arch, **overrides)
+    info = models.model_info(module)
+    cfg["num_classes"] = info.num_classes
+    if cfg.get("input_size") and int(cfg["input_size"][-1]) != info.img_size:
+        cfg["input_size"] = [3, info.img_size, info.img_size]
+    variables = models.init_untrained(module, seed)
+    return LoadedModel(module, variables, info, cfg, arch, tag, f"{UNTRAINED} (seed {seed})", UNTRAINED)
+
+
+def _load_converted(path: Path, arch: str, tag: str | None, source: str, overrides: dict) -> LoadedModel:
+    meta = checkpoint.read_meta(path)
+    num_classes = meta.get("pretrained_cfg", {}).get("num_classes")
+    if num_classes is not None:                # build the classifier the checkpoint has (e.g. none for DINO)
+        overrides.setdefault("num_classes", int(num_classes))
     module = models.create_model(arch, **overrides)
     info = models.model_info(module)
     variables, meta = checkpoint.load(path, module)
-    cfg = dict(info.default_cfg)
+    tag = meta.get("tag", tag)
+    cfg = dict(pretrained.table_cfg(arch, tag) or pretrained.clean_cfg(info.default_cfg))
     cfg.update(meta.get("pretrained_cfg", {}))
-    return LoadedModel(module, variables, info, cfg, arch, meta.get("tag", tag), str(path))
+    if cfg.get("input_size") and int(cfg["input_size"][-1]) != info.img_size:   # run at another size: crop it
+        cfg["input_size"] = [*cfg["input_size"][:-2], info.img_size, info.img_size]
+    return LoadedModel(module, variables, info, cfg, arch, tag, str(path.with_suffix(".safetensors")), source)
+
+
+def load_model(name: str, weights: str = AUTO, checkpoint_dir: str = "", seed: int = 0,
+               **overrides: Any) -> LoadedModel:
+    """Builds `name` ('arch' or 'arch.tag') with its weights (see the module docstring for `weights`)."""
+    src = resolve_weights(name, weights, checkpoint_dir)
+    arch, tag = src.arch, src.tag
+    if src.kind == UNTRAINED:
+        return _untrained(arch, tag, seed, overrides)
+    if src.kind == HUB:
+        path = hub.fetch(arch, src.tag)
+        return _load_converted(path, arch, tag, checkpoint.read_meta(path).get("source", HUB), overrides)
+    if src.kind != "file" or _is_converted(src.path):
+        return _load_converted(src.path, arch, tag, src.kind, overrides)
+    num_classes = overrides.pop("num_classes", None)
+    module, flat, cfg = timm_state.convert_file(arch, tag, src.path, num_classes=num_classes, **overrides)
+    info = models.model_info(module)
+    expected = checkpoint.flatten(models.variable_shapes(module))
+    variables = checkpoint.unflatten({k: jnp.asarray(flat[k], dtype=expected[k].dtype) for k in expected})
+    return LoadedModel(module, variables, info, cfg, arch, cfg.get("tag"), str(src.path), "file")
