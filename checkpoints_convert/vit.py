@@ -1,8 +1,15 @@
-"""timm ViT / DeiT state dict -> flat Flax variables of `vitsparse_jax.models.vit.VisionTransformer`.
+"""timm ViT state dict -> flat Flax variables of `vitsparse_jax.models.vit.VisionTransformer` (ViT, DeiT,
+DeiT III, DINOv2 with and without registers, CLIP / SigLIP towers, *_gap_* ViTs).
 
 The Flax tree mirrors timm's module tree, so every Flax path has exactly one timm key:
 `params/blocks_3/attn/qkv/kernel` <- `blocks.3.attn.qkv.weight` (transposed), `.../norm1/scale` <-
-`blocks.3.norm1.weight`, `params/pos_embed` <- `pos_embed`.
+`blocks.3.norm1.weight`, `.../ls1/gamma` <- `blocks.3.ls1.gamma`, `params/pos_embed` <- `pos_embed`,
+`params/attn_pool/latent` <- `attn_pool.latent`.
+
+Image size: when the state dict's position embedding holds another grid than the module (DINOv2's 518 px
+weights run at 224 px, a 224 px ViT run at 384 px), it is resampled here, once, exactly as timm's
+`checkpoint_filter_fn` does when a model is created at another size (`vitsparse_jax.models.pos_embed`:
+bicubic, antialias, prefix entries kept).
 """
 from __future__ import annotations
 
@@ -12,7 +19,11 @@ import flax.linen as nn
 import numpy as np
 
 from vitsparse_jax import models
+from vitsparse_jax.models import vit
 from vitsparse_jax.weights.checkpoint import CheckpointError, flatten
+
+# Training-only parameters of some timm-format checkpoints that the eval model has no place for.
+DROPPED = ("mask_token",)   # DINOv2 / iBOT masked-token embedding
 
 
 def timm_key(flax_path: str) -> str:
@@ -42,6 +53,11 @@ def convert_state_dict(sd: dict[str, np.ndarray], module: nn.Module) -> dict[str
     CheckpointError naming the key and the model."""
     model = models.model_info(module).name
     expected = flatten(models.variable_shapes(module))
+    sd = {key: value for key, value in sd.items() if key not in DROPPED}
+    sd = {re.sub(r"^(blocks\.\d+)\.gamma_([12])$", r"\1.ls\2.gamma", key): value   # original DeiT III names
+          for key, value in sd.items()}
+    if "pos_embed" in sd and "params/pos_embed" in expected:
+        sd["pos_embed"] = resample_pos_embed(np.asarray(sd["pos_embed"]), module, model)
     out, used = {}, set()
     for path in sorted(expected):
         key = timm_key(path)
@@ -60,3 +76,15 @@ def convert_state_dict(sd: dict[str, np.ndarray], module: nn.Module) -> dict[str
                               + (f" (and {len(unexpected) - 1} more: {unexpected[1:6]})" if len(unexpected) > 1
                                  else ""))
     return out
+
+
+def resample_pos_embed(posemb: np.ndarray, module: nn.Module, model: str) -> np.ndarray:
+    """The state dict's position embedding on the module's patch grid (timm's resampling at load time,
+    `vitsparse_jax.models.vit.resample_pos_embed_for`); unchanged when the grids agree."""
+    try:
+        return vit.resample_pos_embed_for(module, posemb).astype(np.float32)
+    except ValueError as e:
+        prefix = 0 if module.no_embed_class else module.num_prefix_tokens
+        raise CheckpointError(f"{model}: timm key 'pos_embed' of shape {np.shape(posemb)} cannot be resampled to "
+                              f"the {module.grid[0]}x{module.grid[1]} patch grid of img_size={module.img_size} with "
+                              f"{prefix} prefix entries: {e}") from None

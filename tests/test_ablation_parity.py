@@ -1,7 +1,11 @@
 """Ablated logits against an independent PyTorch/timm implementation of the same drops (random weights).
 
+Cases: ViT, distilled DeiT, Swin, VGG, ResNet, and one model of every SPEC section 6 family (DeiT III, DINOv2
+with registers, CLIP, SigLIP, a registers + average-pool ViT, ConvNeXt channels / positions).
+
 timm side: forward hooks zero the post-softmax attention columns (`attn.attn_drop` output, fused attention
-off) or the post-ReLU channels / positions (hooks on the ReLU modules); mu, l1 scores and the top sets are
+off; prefix columns always kept) or the post-ReLU channels / positions (hooks on the ReLU modules; ConvNeXt:
+on the channels-last GELU `mlp.act`); mu, l1 scores and the top sets are
 computed in NumPy from a clean timm pass. JAX side: the experiment's jitted `Evaluator.forward`, i.e. the
 shared clean prefix plus the vmapped variants started from the ablated stages.
 
@@ -51,12 +55,29 @@ class Case:
     apply_keep: Callable[[str, Any, np.ndarray], Any]         # (site, output, (B, U) keep) -> output
 
 
-def _vit_case(distilled: bool) -> Case:
+# SPEC section 6 ViT families at pico size: (timm VisionTransformer kwargs, our overrides of vit_pico_patch4_32)
+VIT_FAMILIES = {
+    "deit3": (dict(no_embed_class=True, init_values=1e-6), dict(no_embed_class=True, init_values=1e-6)),
+    "dinov2_reg4": (dict(reg_tokens=4, no_embed_class=True, init_values=1e-5),
+                    dict(reg_tokens=4, no_embed_class=True, init_values=1e-5)),
+    "clip": (dict(pre_norm=True, norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-5)),
+             dict(pre_norm=True, norm_eps=1e-5)),
+    "siglip": (dict(class_token=False, global_pool="map"), dict(class_token=False, global_pool="map")),
+    "reg4_gap": (dict(class_token=False, global_pool="avg", reg_tokens=4, no_embed_class=True, init_values=1e-5),
+                 dict(class_token=False, global_pool="avg", reg_tokens=4, no_embed_class=True, init_values=1e-5)),
+}
+
+
+def _vit_case(distilled: bool, family: str | None = None) -> Case:
+    from tests.test_vit_families_parity import perturb_family   # + layer-scale gammas of O(1)
+
     torch.manual_seed(0)
+    timm_kw, our_kw = VIT_FAMILIES[family] if family else ({}, {})
     cls = timm.models.deit.VisionTransformerDistilled if distilled else timm.models.vision_transformer.VisionTransformer
-    tm = perturb(cls(**PICO_VIT))
-    module = models.create_model("vit_pico_patch4_32", depth=4, distilled=distilled)
-    prefix = 2 if distilled else 1
+    tm = perturb_family(cls(**PICO_VIT, **timm_kw))
+    module = models.create_model("vit_pico_patch4_32", depth=4, distilled=distilled, **our_kw)
+    prefix = tm.num_prefix_tokens
+    assert prefix == models.model_info(module).num_prefix_tokens
 
     def block(site: str):
         return tm.blocks[int(site.split(".")[1])].attn.attn_drop
@@ -130,6 +151,30 @@ def _vgg_case(unit: str) -> Case:
                 *_cnn_units(unit))
 
 
+def _convnext_case(unit: str) -> Case:
+    """timm's ConvNeXt with small stages; the units live in the channels-last GELU output `mlp.act`."""
+    from tests.test_vit_families_parity import perturb_family
+
+    torch.manual_seed(0)
+    kw = dict(depths=(1, 1, 2, 1), dims=(8, 16, 24, 32), num_classes=10)
+    tm = perturb_family(timm.create_model("convnext_tiny", pretrained=False, **kw))
+    module = models.create_model("convnext_tiny", img_size=64, **kw)
+
+    def act(site: str):
+        _, s, _, b, *_ = site.split(".")
+        return tm.stages[int(s)].blocks[int(b)].mlp.act
+
+    def to_units(site, a):                          # (B, H, W, C) GELU output, l1
+        a = np.abs(a)
+        return a.sum(axis=(1, 2)) if unit == "channel" else a.sum(axis=3).reshape(a.shape[0], -1)
+
+    def apply_keep(site, out, keep):
+        b, h, w, c = out.shape
+        k = torch.tensor(keep)
+        return out * (k[:, None, None, :] if unit == "channel" else k.reshape(b, h, w, 1))
+    return Case(tm, module, convert_timm_module(tm, module)[0], act, to_units, apply_keep)
+
+
 def _resnet_case(arch: str, unit: str) -> Case:
     torch.manual_seed(0)
     tm = perturb(timm.create_model(arch, pretrained=False, layers=[1, 1, 1, 1], num_classes=10))
@@ -149,6 +194,9 @@ CASES = {
     "vgg_spatial": lambda: _vgg_case("spatial"),
     "resnet_basic": lambda: _resnet_case("resnet18", "channel"),
     "resnet_bottleneck": lambda: _resnet_case("resnet50", "channel"),
+    **{family: functools.partial(_vit_case, False, family) for family in VIT_FAMILIES},
+    "convnext_channel": lambda: _convnext_case("channel"),
+    "convnext_spatial": lambda: _convnext_case("spatial"),
 }
 
 
@@ -196,7 +244,7 @@ def case_of(name: str) -> Case:
 def test_ablated_logits_equal_timm_with_hooks(name):
     case = case_of(name)
     unit = "spatial" if name.endswith("spatial") else "channel"
-    ps = (0.3, 0.5) if name == "swin" else (0.1, 0.3)     # the small Swin's last stage has 4 tokens
+    ps = (0.3, 0.5) if name in ("swin", "convnext_spatial") else (0.1, 0.3)   # last stage: 4 tokens / positions
     plan = au.make_plan(case.module, ps=ps, ns=(1, 2, 3) if name == "swin" else (1, 2), draws=1, cnn_unit=unit)
     size = models.model_info(case.module).img_size
     x = np.random.default_rng(0).standard_normal((BATCH, 3, size, size)).astype(np.float32)

@@ -60,10 +60,22 @@ def nhwc(x: np.ndarray) -> jax.Array:
     return jnp.asarray(x.transpose(0, 2, 3, 1))
 
 
+def attn_pool_probs(pool, x: "torch.Tensor") -> np.ndarray:
+    """Post-softmax attention (B, heads, 1, N) of timm's AttentionPoolLatent on its input x (B, N, D)."""
+    b, n, _ = x.shape
+    q = pool.q(pool.latent.expand(b, -1, -1)).reshape(b, pool.latent_len, pool.num_heads, pool.head_dim)
+    k = pool.kv(x).reshape(b, n, 2, pool.num_heads, pool.head_dim).permute(2, 0, 3, 1, 4)[0]
+    q, k = pool.q_norm(q.transpose(1, 2)), pool.k_norm(k)
+    return ((q * pool.scale) @ k.transpose(-2, -1)).softmax(dim=-1).numpy()
+
+
 def timm_forward(tm, x: np.ndarray, col_masks: dict[int, np.ndarray] | None = None,
                  renormalize: bool = False) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """timm logits plus every intermediate under this project's capture names, via forward hooks.
-    `col_masks[l]` (B, N) multiplies the post-softmax attention of block l (hook on attn_drop)."""
+    `col_masks[l]` (B, N) multiplies the post-softmax attention of block l (hook on attn_drop).
+
+    Layer scale: the `attn` / `mlp` captures are the outputs of `ls1` / `ls2` (the branch as it is added to the
+    residual stream); `norm` only when the model has a final token norm (not for fc_norm models)."""
     found: dict[str, np.ndarray] = {}
     handles = []
 
@@ -85,17 +97,25 @@ def timm_forward(tm, x: np.ndarray, col_masks: dict[int, np.ndarray] | None = No
             return out
         return hook
 
+    def branch(blk, attn: bool):
+        scale = blk.ls1 if attn else blk.ls2
+        return (blk.attn if attn else blk.mlp) if isinstance(scale, torch.nn.Identity) else scale
+
     handles.append(tm.blocks[0].register_forward_pre_hook(save_input("embed")))
     for l, blk in enumerate(tm.blocks):
         if col_masks and l in col_masks:
             handles.append(blk.attn.attn_drop.register_forward_hook(mask_hook(l)))
         else:
             handles.append(blk.attn.attn_drop.register_forward_hook(save(f"blocks.{l}.attn.probs")))
-        handles.append(blk.attn.register_forward_hook(save(f"blocks.{l}.attn")))
+        handles.append(branch(blk, True).register_forward_hook(save(f"blocks.{l}.attn")))
         handles.append(blk.norm2.register_forward_pre_hook(save_input(f"blocks.{l}.attn_res")))
-        handles.append(blk.mlp.register_forward_hook(save(f"blocks.{l}.mlp")))
+        handles.append(branch(blk, False).register_forward_hook(save(f"blocks.{l}.mlp")))
         handles.append(blk.register_forward_hook(save(f"blocks.{l}")))
     handles.append(tm.norm.register_forward_hook(save("norm")))
+    pool = getattr(tm, "attn_pool", None)
+    if pool is not None:
+        handles.append(pool.register_forward_pre_hook(
+            lambda mod, args: found.__setitem__("attn_pool.probs", attn_pool_probs(mod, args[0]))))
     try:
         with torch.no_grad():
             logits = tm(torch.from_numpy(x))
@@ -103,6 +123,8 @@ def timm_forward(tm, x: np.ndarray, col_masks: dict[int, np.ndarray] | None = No
     finally:
         for h in handles:
             h.remove()
+    if isinstance(tm.norm, torch.nn.Identity):
+        del found["norm"]
     return logits.numpy(), found
 
 

@@ -1,7 +1,9 @@
-"""Flax definitions of timm's ViT, DeiT, Swin, VGG and ResNet; see docs/design.md for the interface."""
+"""Flax definitions of timm's ViT (DeiT, DeiT III, DINOv2, CLIP, SigLIP, pooled ViTs), Swin, VGG, ResNet and ConvNeXt;
+see docs/design.md for the interface."""
 from __future__ import annotations
 
 import functools
+import importlib
 
 import flax.linen as nn
 import jax
@@ -35,5 +37,15 @@ def variable_shapes(module: nn.Module) -> dict:
     return jax.eval_shape(module.init, jax.random.PRNGKey(0), dummy_input(module))
 
 
+def fit_variables(module: nn.Module, flat: dict) -> dict:
+    """Flat variables ('params/...' -> array) of converted weights made to fit `module` where timm would adapt
+    them itself: a ViT position embedding of another image size is resampled to the module's grid (as timm
+    does when a model is created at another size). Other families and fitting weights: returned as they are.
+    Call before the strict key / shape check of a loader."""
+    family = importlib.import_module(f"vitsparse_jax.models.{model_info(module).family}")
+    fit = getattr(family, "fit_variables", None)
+    return fit(module, flat) if fit is not None else dict(flat)
+
+
 __all__ = ["ModelInfo", "create_model", "list_models", "split_name", "model_info", "init_untrained",
-           "dummy_input", "variable_shapes"]
+           "dummy_input", "variable_shapes", "fit_variables"]

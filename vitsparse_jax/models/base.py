@@ -28,14 +28,61 @@ class ModelInfo:
     ablation_sites: tuple[str, ...]
     capture_names: tuple[str, ...]
     default_cfg: Mapping[str, Any]
+    # kind of each prefix token, in token order ('cls' class, 'dist' distillation, 'reg' register); its
+    # length is num_prefix_tokens. () for models without prefix tokens (SigLIP, *_gap_*, Swin, CNNs).
+    prefix_kinds: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.prefix_kinds and len(self.prefix_kinds) != self.num_prefix_tokens:
+            raise ValueError(f"{self.name}: prefix_kinds {self.prefix_kinds} do not match "
+                             f"num_prefix_tokens={self.num_prefix_tokens}")
+
+
+class CaptureName(str):
+    """A capture name (an ordinary `str`: same text, hash and equality) that sorts in forward order.
+
+    JAX flattens a dict with its keys sorted, so the `aux` dict that comes out of `jax.jit`, `vmap` or
+    `eval_shape` would list 'blocks.0', 'blocks.1', 'blocks.10', 'blocks.11', 'blocks.2', ... Keys of this
+    type compare by their position in the forward pass instead, so `aux` keeps forward order (embed,
+    blocks.0, ..., blocks.11, norm) through every JAX transformation, and `sorted(aux)` is forward order.
+    Against a plain `str` it compares as text. A pytree built from `aux`'s own keys (e.g. cotangents
+    `{k: ... for k in aux}`) has aux's structure; one built from plain strings has text order.
+    """
+
+    __slots__ = ("rank",)
+
+    def __new__(cls, name: str, rank: int) -> CaptureName:
+        self = super().__new__(cls, name)
+        self.rank = rank
+        return self
+
+    def __reduce__(self) -> tuple[Any, tuple[str, int]]:
+        return CaptureName, (str(self), self.rank)
+
+    def __lt__(self, other: object) -> bool:
+        if isinstance(other, CaptureName):
+            return (self.rank, str(self)) < (other.rank, str(other))
+        return str.__lt__(self, other)
+
+    def __gt__(self, other: object) -> bool:
+        if isinstance(other, CaptureName):
+            return (self.rank, str(self)) > (other.rank, str(other))
+        return str.__gt__(self, other)
+
+    def __le__(self, other: object) -> bool:
+        return self == other or self < other
+
+    def __ge__(self, other: object) -> bool:
+        return self == other or self > other
 
 
 def select_captures(found: Mapping[str, Array], capture: tuple[str, ...],
                     valid_names: tuple[str, ...]) -> dict[str, Array]:
-    """Keeps the tensors whose name matches one of the fnmatch patterns in `capture`.
+    """Keeps the tensors whose name matches one of the fnmatch patterns in `capture`, in forward order.
 
-    `valid_names` is every name the model can capture (also those not computed in a run that starts
-    at a later stage); a pattern that matches none of them is a ValueError.
+    `valid_names` is every name the model can capture, in forward order (also those not computed in a run
+    that starts at a later stage); a pattern that matches none of them is a ValueError. The keys are
+    `CaptureName`s, so the order survives `jax.jit` (see there).
     """
     if not capture:
         return {}
@@ -45,7 +92,10 @@ def select_captures(found: Mapping[str, Array], capture: tuple[str, ...],
         if not fnmatch.filter(valid_names, pattern):
             raise ValueError(f"capture pattern {pattern!r} matches no name of this model; "
                              f"valid names: {', '.join(valid_names)}")
-    return {k: v for k, v in found.items() if any(fnmatch.fnmatchcase(k, p) for p in capture)}
+    rank = {name: i for i, name in enumerate(valid_names)}
+    kept = [k for k in found if any(fnmatch.fnmatchcase(k, p) for p in capture)]
+    kept.sort(key=lambda k: rank.get(k, len(rank)))
+    return {CaptureName(k, rank.get(k, len(rank))): found[k] for k in kept}
 
 
 def check_masks(masks: Mapping[str, Array] | None, valid_sites: tuple[str, ...]) -> dict[str, Array]:

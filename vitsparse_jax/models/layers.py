@@ -87,3 +87,10 @@ def _max_pool_jvp(window, strides, padding, primals, tangents):
     t_out = sum(jnp.where(first == k, jax.lax.slice(tp, *view), jnp.zeros((), t.dtype))
                 for k, view in enumerate(views))
     return y, t_out
+
+
+def trunc_normal_tf(std: float = 1.0, lo: float = -2.0, hi: float = 2.0) -> Callable:
+    """timm.layers.trunc_normal_tf_: N(0, 1) truncated to [lo, hi], THEN scaled by std (bounds in std units)."""
+    def init(key, shape, dtype=jnp.float32):
+        return (jax.random.truncated_normal(key, lo, hi, shape, jnp.float32) * std).astype(dtype)
+    return init

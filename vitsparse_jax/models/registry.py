@@ -1,6 +1,6 @@
 """Model registry: timm architecture name -> Flax module.
 
-Each family file (vit.py, swin.py, vgg.py, resnet.py) exposes
+Each family file (vit.py, swin.py, vgg.py, resnet.py, convnext.py) exposes
   ARCHS: dict[str, dict]            arch name -> {"kwargs": constructor kwargs, "default_cfg": {...}}
   build(arch: str, **overrides) -> flax.linen.Module   (module has an `info()` method -> ModelInfo)
 """
@@ -13,7 +13,7 @@ from types import ModuleType
 
 import flax.linen as nn
 
-FAMILIES = ("vit", "swin", "vgg", "resnet")
+FAMILIES = ("vit", "swin", "vgg", "resnet", "convnext")
 
 
 def _family_modules() -> dict[str, ModuleType]:
