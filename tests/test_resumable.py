@@ -1,4 +1,5 @@
 """The shared resumable pass: exact resume, config guard, clean stop on signals."""
+import json
 import os
 import signal
 
@@ -73,3 +74,74 @@ def test_sigterm_stops_after_the_current_batch_with_state_saved(tmp_path):
     assert meta["next_index"] == 2 * BATCH
     np.testing.assert_array_equal(arrays["seen"][:2 * BATCH], 1)
     assert run(wd)["seen"].sum() == TOTAL
+
+
+# ------------------------------------------------------------------ issue 16: inputs, stops, exit codes
+
+from vitsparse_jax.runtime import stopping  # noqa: E402
+from vitsparse_jax.runtime.errors import StateError  # noqa: E402
+
+
+def keyed(workdir, key, **kw):
+    return run_resumable(workdir, key=key, total=TOTAL, batches_from=batches_from, process=process, init=init,
+                         batch_size=BATCH, progress=False, **kw)
+
+
+@pytest.mark.parametrize("change, named, why", [
+    (lambda k: k["images"].update(identity="folder:/x:1111"), "images.identity", "the images changed"),
+    (lambda k: k["images"].update(num_images=11), "images.num_images", "number of images changed"),
+    (lambda k: k["weights"].update(sha256="b" * 64), "weights.sha256", "weights file was replaced"),
+    (lambda k: k.update(seed=1), "seed", ""),
+])
+def test_a_state_of_other_inputs_is_refused_naming_what_changed(tmp_path, change, named, why):
+    key = {"images": {"identity": "folder:/x:0000", "name": "folder:/x", "num_images": 10},
+           "weights": {"weights": "/w.safetensors", "sha256": "a" * 64}, "seed": 0}
+    wd = Workdir(tmp_path)
+    with pytest.raises(Interrupted):
+        keyed(wd, key, stop_after_batches=1)
+    other = json.loads(json.dumps(key))
+    change(other)
+    with pytest.raises(StateError) as info:
+        keyed(wd, other)
+    text = str(info.value)
+    assert named in text and why in text and "different config" in text and "--config.resume=False" in text
+    assert keyed(wd, key)["seen"].sum() == TOTAL          # the right inputs still resume
+
+
+def test_a_damaged_state_is_an_error_that_names_it(tmp_path):
+    wd = Workdir(tmp_path)
+    wd.path("resume_state.npz").write_bytes(b"garbage")
+    with pytest.raises(StateError, match="resume_state.npz cannot be read"):
+        run(wd)
+    assert run(wd, resume=False)["seen"].sum() == TOTAL
+
+
+def test_a_stop_requested_before_the_pass_stops_before_the_first_batch(tmp_path):
+    seen = []
+    with stopping.handle_signals():
+        stopping.request(signal.SIGTERM)
+        with pytest.raises(Interrupted) as info:
+            run_resumable(Workdir(tmp_path), key={"exp": "toy"}, total=TOTAL,
+                          batches_from=lambda s: (seen.append(s) or b for b in batches_from(s)),
+                          process=process, init=init, batch_size=BATCH, progress=False)
+    assert seen == [] and info.value.signum == signal.SIGTERM and info.value.exit_code == 143
+    assert info.value.done == 0 and "same command" in str(info.value)
+
+
+def test_exit_codes_and_a_second_ctrl_c(tmp_path):
+    assert stopping.exit_code(signal.SIGINT) == 130 and stopping.exit_code(signal.SIGTERM) == 143
+    wd = Workdir(tmp_path)
+    with pytest.raises(Interrupted) as info:
+        run(wd, stop_after_batches=1)
+    assert info.value.signum is None and info.value.exit_code == 75
+
+    def ctrl_c_twice(batch, acc):
+        if batch["index"][0] == BATCH:
+            os.kill(os.getpid(), signal.SIGINT)     # first: stop after this batch
+            os.kill(os.getpid(), signal.SIGINT)     # second: at once
+        return process(batch, acc)
+
+    with pytest.raises(KeyboardInterrupt):
+        run_resumable(Workdir(tmp_path / "b"), key={"exp": "toy"}, total=TOTAL, batches_from=batches_from,
+                      process=ctrl_c_twice, init=init, batch_size=BATCH, progress=False)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # handlers restored

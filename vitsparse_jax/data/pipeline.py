@@ -43,7 +43,11 @@ class ImageLoader:
         if isinstance(cached, str):
             self.source.mark_skipped(i, cached)
             return None, self.source.label(i)
-        record = self.source.read(i)
+        try:
+            record = self.source.read(i)
+        except OSError as e:   # the file vanished, a dangling symlink, no permission: skipped and counted,
+            self.source.mark_skipped(i, f"{type(e).__name__}: {e}")   # not cached (it may come back)
+            return None, self.source.label(i)
         try:
             crop: np.ndarray | str = self.transform(decode_image(record.data))
         except Exception as e:  # unreadable image content of any kind: skipped and counted, never fatal
@@ -78,7 +82,7 @@ def num_batches(num_images: int, batch_size: int, start: int = 0) -> int:
     return max(0, -(-(num_images - start) // batch_size))
 
 
-def batches(source: Source, pretrained_cfg: Mapping[str, Any], batch_size: int, mesh: Mesh,
+def batches(source: Source, pretrained_cfg: Mapping[str, Any], batch_size: int, mesh: Mesh | None = None,
             start: int = 0, *, stop: int | None = None, num_workers: int | None = None,
             prefetch: int = 2, cache_dir: str | os.PathLike | None = None) -> Iterator[Batch]:
     """Iterator over global batches of images [start, stop) (default: to the end), preprocessed for the
@@ -86,7 +90,10 @@ def batches(source: Source, pretrained_cfg: Mapping[str, Any], batch_size: int, 
 
     `pretrained_cfg`: the model's timm pretrained_cfg (input_size, crop_pct, interpolation, num_classes).
     `batch_size` is global and a multiple of the mesh size. Every process must iterate in lockstep.
+    `mesh`: default `parallel.make_mesh()`, every device (one CPU or GPU: no mesh to build).
     """
+    mesh = parallel.make_mesh() if mesh is None else mesh
+    cache_dir = os.path.expandvars(os.path.expanduser(os.fspath(cache_dir))) if cache_dir else None
     transform = EvalTransform.from_cfg(pretrained_cfg)
     num_classes = pretrained_cfg.get("num_classes")
     check_labels(source, num_classes)

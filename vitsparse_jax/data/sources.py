@@ -35,6 +35,9 @@ class DatasetNotPreparedError(FileNotFoundError):
     """A TFDS dataset that is not in data_dir (and cannot be downloaded here)."""
 
 
+SKIPPED_LISTED = 100   # unreadable images named in the results (all are counted)
+
+
 class Source(abc.ABC):
     """Indexable image dataset. Subclasses implement `__len__`, `read`, `key`, `identity`."""
 
@@ -80,10 +83,18 @@ class Source(abc.ABC):
         with self._skip_lock:
             self.skipped[i] = reason
 
+    def skipped_files(self, limit: int = SKIPPED_LISTED) -> list[dict[str, Any]]:
+        """The first `limit` images that could not be read, by index: index, file (the source's key) and reason.
+
+        On several hosts each host decodes only its share of every batch, so this lists this host's."""
+        with self._skip_lock:
+            first = sorted(self.skipped.items())[:limit]
+        return [{"index": i, "file": self.key(i), "reason": reason} for i, reason in first]
+
     def describe(self) -> dict[str, Any]:
-        """For results metadata."""
+        """For results metadata: `skipped` counts the unreadable images, `skipped_files` names the first 100."""
         return {"name": self.name, "identity": self.identity, "num_images": len(self),
-                "num_classes": self.num_classes, "skipped": len(self.skipped)}
+                "num_classes": self.num_classes, "skipped": len(self.skipped), "skipped_files": self.skipped_files()}
 
     def _check_index(self, i: int) -> int:
         if not 0 <= i < len(self):
@@ -264,7 +275,10 @@ class FolderSource(Source):
         super().__init__()
         self.root = os.path.abspath(os.fspath(root))
         if not os.path.isdir(self.root):
-            raise FileNotFoundError(f"image folder {self.root} does not exist")
+            raise FileNotFoundError(f"image folder {self.root} does not exist"
+                                    + (" (it is a file)" if os.path.exists(self.root) else "")
+                                    + "; set --config.data.folder to a folder of images (data.source='folder': one "
+                                    "subfolder per class; 'images': unlabelled images)")
         if labels not in ("auto", "folders", "none"):
             raise ValueError(f"labels must be 'auto', 'folders' or 'none', got {labels!r}")
         with os.scandir(self.root) as it:
@@ -299,8 +313,11 @@ class FolderSource(Source):
         if self._identity is None:
             h = hashlib.sha256()
             for f in self.files:
-                st = os.stat(os.path.join(self.root, f))
-                h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+                try:
+                    st = os.stat(os.path.join(self.root, f))
+                    h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+                except OSError:   # vanished, or a dangling symlink: read() fails and the image is counted skipped
+                    h.update(f"{f}\0missing\n".encode())
             self._identity = f"folder:{self.root}:{h.hexdigest()[:16]}"
         return self._identity
 
@@ -409,6 +426,11 @@ def subset(source: Source, *, num_images: int | None = None, every_kth_class: in
            per_class: int | None = None) -> Source:
     """Quick subsets, applied in this order: keep classes 0, k, 2k, ... (`every_kth_class`=k); the first
     `per_class` images of each class (dataset order); the first `num_images` images."""
+    for name, value, least in (("num_images", num_images, 0), ("per_class", per_class, 0),
+                               ("every_kth_class", every_kth_class, 1)):
+        if value is not None and (not isinstance(value, (int, np.integer)) or value < least):
+            raise ValueError(f"data.{name} must be an integer >= {least} ({'0 = all' if least == 0 else '1 = all'}"
+                             f"), got {value!r}")
     idx = np.arange(len(source))
     parts = []
     if every_kth_class or per_class:
@@ -434,3 +456,17 @@ def subset(source: Source, *, num_images: int | None = None, every_kth_class: in
     if not len(idx):
         raise ValueError(f"the subset ({', '.join(parts)}) of {source.name} is empty")
     return Subset(source, idx, ", ".join(parts))
+
+
+def check_data_config(cfg: Any) -> None:
+    """The numeric fields of config.data (vitsparse_jax.runtime.config_defaults.data_config) are in range."""
+    limits = {"num_images": 0, "per_class": 0, "every_kth_class": 0, "num_workers": 0, "batch_size": 1}
+    for name, least in limits.items():
+        value = cfg.get(name) if hasattr(cfg, "get") else None
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+            meaning = {"num_images": " (0 = all images)", "per_class": " (0 = all)", "every_kth_class":
+                       " (1 = every class)", "num_workers": " (0 = one per core)", "batch_size": ""}[name]
+            raise ValueError(f"data.{name} must be an integer >= {least}{meaning}, got {value!r}; set "
+                             f"--config.data.{name}=...")

@@ -1,7 +1,14 @@
-"""Fields shared by every experiment config (configs/*.py build on `base_config`)."""
+"""Fields shared by every experiment config (configs/*.py build on `base_config`).
+
+The comment after each field is its help text: `--show_config` prints it next to the value
+(`vitsparse_jax.runtime.config_help`), so keep one comment per field.
+"""
 from __future__ import annotations
 
+
 import ml_collections
+
+from vitsparse_jax.runtime.paths import expand_path
 
 # The project's own small models, trained on the built-in digits data (configs/train.py); the default
 # of every experiment so that the first command works offline.
@@ -30,18 +37,46 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
 
 def base_config(experiment: str) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.experiment = experiment
+    c.experiment = experiment  # which experiment runs (experiments.REGISTRY); set by the config file
     c.model = BUILTIN_VIT      # timm name, optionally with '.tag'
-    c.weights = "builtin"      # 'builtin' | 'untrained' | path to a converted .safetensors | '' = checkpoint_dir
-    c.checkpoint_dir = "checkpoints"
-    c.seed = 0
-    c.workdir = f"runs/{experiment}"
+    c.weights = "auto"         # 'auto': built-in checkpoint, else <checkpoint_dir>/<arch>.<tag>.safetensors, else
+                               # timm's weights from the Hugging Face hub (timm/<arch>.<tag>, converted once);
+                               # or only one source: 'builtin' | 'checkpoint_dir' | 'hub' | 'untrained' | a path
+    c.checkpoint_dir = "checkpoints"  # folder of converted weights <arch>.<tag>.safetensors (python -m checkpoints_convert)
+    c.seed = 0                 # seeds random draws and the untrained (timm) initialisation
+    c.workdir = f"runs/{experiment}"  # output folder: results, figures, report.md, resume state
     c.resume = True            # continue an interrupted run found in workdir
     c.progress = True          # progress bar
     c.data = data_config()
     c.distributed = ml_collections.ConfigDict()
     c.distributed.coordinator = ""   # 'host:port' of process 0; '' = single process (or auto on TPU pods)
-    c.distributed.num_processes = 1
-    c.distributed.process_id = 0
+    c.distributed.num_processes = 1  # number of processes (hosts) in the job, with coordinator
+    c.distributed.process_id = 0     # this process's index in [0, num_processes), with coordinator
     c.distributed.auto = False       # jax.distributed.initialize() with no arguments (TPU VMs, SLURM)
     return c
+
+
+# Fields that name files or folders (dotted paths; those a config lacks are skipped): `~` and environment
+# variables are expanded in them (`expand_config_paths`). receptive_field.checkpoints is comma-separated.
+PATH_FIELDS = ("weights", "checkpoint_dir", "workdir", "data.data_dir", "data.manual_dir", "data.folder",
+               "data.cache_dir", "receptive_field.checkpoints", "train.export_dir")
+LIST_PATH_FIELDS = ("receptive_field.checkpoints",)
+
+
+def expand_config_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Expands `~` and environment variables in every path field of `config`, in place; returns it."""
+    for dotted in PATH_FIELDS:
+        *parents, name = dotted.split(".")
+        section = config
+        for parent in parents:
+            section = section.get(parent) if hasattr(section, "get") else None
+        if section is None or not hasattr(section, "get") or name not in section:
+            continue
+        value = section[name]
+        if dotted in LIST_PATH_FIELDS and isinstance(value, str):
+            expanded = ",".join(expand_path(item.strip()) for item in value.split(",")) if value else value
+        else:
+            expanded = expand_path(value)
+        if expanded != value:
+            section[name] = expanded
+    return config

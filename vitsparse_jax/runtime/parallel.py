@@ -99,3 +99,19 @@ def to_host(tree: Any) -> Any:
     if jax.process_count() == 1:
         return jax.tree.map(np.asarray, jax.device_get(tree))
     return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def from_first(tree: Any) -> Any:
+    """Process 0's value of a pytree of host arrays, on every process (as it is with one process).
+    Collective: every process calls it at the same point."""
+    if jax.process_count() == 1:
+        return tree
+    out = multihost_utils.broadcast_one_to_all(tree)
+    return jax.tree.map(lambda new, old: np.asarray(new).astype(np.asarray(old).dtype), out, tree)
+
+
+def agree(ok: bool) -> bool:
+    """True on every process iff every process passes True (collective with several processes)."""
+    if jax.process_count() == 1:
+        return bool(ok)
+    return bool(np.asarray(multihost_utils.process_allgather(np.int32(bool(ok)))).min())

@@ -7,17 +7,18 @@ workdir and the same config continues where it stopped, without losing or double
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
-import signal
 import time
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 from tqdm import tqdm
 
+from vitsparse_jax.runtime import fingerprint as input_fingerprints
+from vitsparse_jax.runtime import stopping
+from vitsparse_jax.runtime.errors import StateError
 from vitsparse_jax.runtime.workdir import Workdir, to_json
 
 log = logging.getLogger(__name__)
@@ -25,7 +26,17 @@ Accumulators = dict[str, np.ndarray]
 
 
 class Interrupted(RuntimeError):
-    """The run was stopped by a signal; its state up to the last finished batch is saved."""
+    """The run was stopped (a signal, or stop_after_batches); its state up to the last finished batch is
+    saved, and the same command continues. `signum`: the signal (None: stopped on request)."""
+
+    def __init__(self, message: str, *, signum: int | None = None, done: int | None = None,
+                 total: int | None = None, where: str | None = None):
+        super().__init__(message)
+        self.signum, self.done, self.total, self.where = signum, done, total, where
+
+    @property
+    def exit_code(self) -> int:
+        return stopping.exit_code(self.signum)
 
 
 def fingerprint(obj: Any) -> str:
@@ -33,26 +44,38 @@ def fingerprint(obj: Any) -> str:
     return hashlib.sha256(to_json(obj).encode()).hexdigest()[:16]
 
 
-@contextlib.contextmanager
-def _stop_on_signals() -> Iterator[dict[str, bool]]:
-    """Turns SIGTERM/SIGINT into a flag that the loop checks between batches."""
-    flag = {"stop": False}
+def key_differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted paths where two JSON-like keys differ (at most a few levels deep)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new), key=str):
+            path = f"{prefix}.{k}" if prefix else str(k)
+            if k not in old or k not in new:
+                out.append(path)
+            else:
+                out += key_differences(old[k], new[k], path)
+        return out
+    return [] if old == new else [prefix or "(everything)"]
 
-    def handler(signum, frame):  # noqa: ARG001
-        flag["stop"] = True
-        log.warning("signal %d received: stopping after the current batch", signum)
 
-    previous = {}
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            previous[sig] = signal.signal(sig, handler)
-        except ValueError:  # not the main thread: signals cannot be caught here
-            pass
-    try:
-        yield flag
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
+_HINTS = {"sha256": "the weights file was replaced", "identity": "the images changed (files added, removed, "
+          "replaced or touched, or another dataset version)", "num_images": "the number of images changed"}
+
+
+def check_state_key(meta: Mapping[str, Any], key: Mapping[str, Any], path: Any, what: str = "an unfinished run") -> None:
+    """Raises StateError when a saved state's key (`meta['key']`, fingerprint `meta['fingerprint']`) is not
+    `key`, naming the fields that differ and why they may have changed."""
+    fp = fingerprint(key)
+    if meta.get("fingerprint") == fp:
+        return
+    differs = key_differences(meta.get("key"), json.loads(to_json(key))) if "key" in meta else []
+    hints = sorted({h for d in differs for k, h in _HINTS.items() if d.endswith(k)})
+    detail = f": {', '.join(differs[:6])}{' ...' if len(differs) > 6 else ''}" if differs else ""
+    why = f" ({'; '.join(hints)})" if hints else ""
+    raise StateError(
+        f"{path} holds {what} with a different config or other inputs: it was written by another config or "
+        f"from other files (fingerprint {meta.get('fingerprint')} != {fp}; differs in{detail or ' the config'}"
+        f"{why}). Use another --config.workdir, or --config.resume=False to start over.")
 
 
 def run_resumable(
@@ -78,16 +101,34 @@ def run_resumable(
     stop_after_batches: stop (as if interrupted) after that many batches — for tests of resuming.
     """
     fp = fingerprint(key)
+    input_fingerprints.record(json.loads(to_json(key)))
     acc, start = init(), 0
-    saved = workdir.load_state() if resume else None
-    if saved is not None:
-        arrays, meta = saved
-        if meta.get("fingerprint") != fp:
-            raise ValueError(
-                f"{workdir.root} holds an unfinished run with a different config (fingerprint "
-                f"{meta.get('fingerprint')} != {fp}); use another --config.workdir, or --config.resume=False "
-                "to start over")
-        acc, start = {k: arrays[k] for k in acc}, int(meta["next_index"])
+    error: Exception | None = None
+    if resume and is_writer:   # the writer's state decides for every process (the workdir may not be shared)
+        try:
+            saved = workdir.load_state()
+            if saved is not None:
+                arrays, meta = saved
+                check_state_key(meta, key, workdir.path("resume_state.npz"))
+                missing = sorted(set(acc) - set(arrays))
+                if missing or int(meta.get("total", total)) != total:
+                    raise StateError(f"{workdir.path('resume_state.npz')} does not fit this run (arrays {missing} "
+                                     "missing or another number of images); delete it, or rerun with "
+                                     "--config.resume=False")
+                acc, start = {k: arrays[k] for k in acc}, int(meta["next_index"])
+        except Exception as e:  # noqa: BLE001  (raised below, on every process)
+            error = e
+    if resume:
+        from vitsparse_jax.runtime import parallel
+
+        ok = parallel.from_first(np.int32(error is None))
+        if error is not None:
+            raise error
+        if not ok:
+            raise StateError(f"process 0 cannot resume from the state in {workdir.root} (its output says why)")
+        start = int(parallel.from_first(np.int64(start)))
+        acc = parallel.from_first(acc)
+    if start:
         log.info("resuming at image %d of %d from %s", start, total, workdir.root)
 
     def save(next_index: int) -> None:
@@ -95,22 +136,34 @@ def run_resumable(
             workdir.save_state(acc, {"fingerprint": fp, "next_index": next_index, "total": total,
                                      "key": json.loads(to_json(key))})
 
+    def stop(next_index: int, signum: int | None, processed: bool) -> Interrupted:
+        if processed:
+            save(next_index)
+        _barrier("vitsparse_jax_resumable_stop")   # every process has stopped and the state is written
+        how = f"{stopping.name(signum)}" if signum else "stop_after_batches"
+        return Interrupted(f"stopped ({how}) at image {next_index} of {total}{f' ({desc})' if desc else ''}; the "
+                           f"state is saved in {workdir.root}: run the same command again to continue",
+                           signum=signum, done=next_index, total=total, where=str(workdir.root))
+
+    log.info("%s: images %d..%d of %d; state in %s", desc or "pass", start, total, total, workdir.root)
     bar = tqdm(total=total, initial=start, desc=desc, unit="img", disable=not progress or not is_writer,
                dynamic_ncols=True)
     next_index, done_batches = start, 0
     t0 = last_save = time.monotonic()
-    with _stop_on_signals() as flag, bar:
+    with stopping.handle_signals(), bar:
         if start < total:
+            signum = stopping.agreed_stop()          # a stop requested before this pass (loading, compiling)
+            if signum:
+                raise stop(next_index, signum, processed=False)
             for batch in batches_from(start):
                 acc = process(batch, acc)
                 step = min(batch_size, total - next_index)
                 next_index += step
                 bar.update(step)
                 done_batches += 1
-                if flag["stop"] or done_batches == stop_after_batches:
-                    save(next_index)
-                    raise Interrupted(f"stopped at image {next_index} of {total}; run the same command "
-                                      f"again to resume from {workdir.root}")
+                signum = stopping.agreed_stop()      # collective: every process takes the same decision
+                if signum or done_batches == stop_after_batches:
+                    raise stop(next_index, signum, processed=True)
                 if time.monotonic() - last_save > checkpoint_every_s and next_index < total:
                     save(next_index)
                     last_save = time.monotonic()
@@ -122,3 +175,12 @@ def run_resumable(
         raise RuntimeError(f"the data ended at image {next_index}, expected {total}")
     save(next_index)
     return acc
+
+
+def _barrier(name: str) -> None:
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
