@@ -154,11 +154,7 @@ def measure(name: str, args: argparse.Namespace, info: dict) -> dict:
 
     device = bc.torch_device()
     dtype = args.dtype
-    model = bc.timm_model(name, device)
-    module, variables = bc.flax_model(name, dtype, args.seed)
-    shared = bc.shared_weights(model, module) if args.share_weights else None
-    if shared is not None:
-        variables = shared
+    model, module, variables, shared = bc.model_pair(name, dtype, device, args.seed, share=args.share_weights)
     cfg = dict(module.info().default_cfg)
     plan = ablation_units.make_plan(module, ps=[float(p) for p in args.p.split(",")],
                                     ns=[int(n) for n in args.n.split(",")], draws=args.draws,

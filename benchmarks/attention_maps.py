@@ -30,11 +30,8 @@ def measure(name: str, dtype: str, args: argparse.Namespace, info: dict) -> dict
     import torch
 
     device = bc.torch_device()
-    model = bc.timm_model(name, device, fused_attn=False)
-    module, variables = bc.flax_model(name, dtype, args.seed)
-    shared = bc.shared_weights(model, module) if args.share_weights else None
-    if shared is not None:
-        variables = shared
+    model, module, variables, shared = bc.model_pair(name, dtype, device, args.seed, share=args.share_weights,
+                                                     fused_attn=False)
     family = module.info().family
     pattern = "layers.*.blocks.*.attn.probs" if family == "swin" else "blocks.*.attn.probs"
     images = bc.random_images(args.batch_size, module.info().img_size, args.seed)

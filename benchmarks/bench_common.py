@@ -38,6 +38,15 @@ import vitsparse_jax  # noqa: E402,F401
 # torch, Eigen in XLA:CPU) have gone to sleep before the other framework starts its run.
 SETTLE_S = 0.5
 
+# Constructor overrides per timm arch name, applied by flax_model(), model_pair() and timm_model():
+# name -> (timm.create_model kwargs, models.create_model kwargs). Empty for real measurements; the GPU suite's
+# --smoke mode fills it with tiny variants of the same architectures (benchmarks/gpu_suite.py).
+MODEL_OVERRIDES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
+# When not None, every timm model that timm_model() builds is perturbed with tests/timm_perturb.py (seeded
+# with this) before it moves to its device: LayerNorm/BatchNorm away from identity, non-zero biases, peaked
+# attention, so that predictions differ between images and under ablation (as in the parity tests).
+PERTURB_SEED: int | None = None
+
 
 # --------------------------------------------------------------------------------------------------------
 # Machine and versions
@@ -347,16 +356,29 @@ def flax_model(name: str, dtype: str = "float32", seed: int = 0) -> tuple[Any, A
     """(module, variables) of this project's model with timm's random init (weights do not matter for speed)."""
     from vitsparse_jax import models
 
-    module = models.create_model(name, dtype=jax_dtype(dtype))
+    module = models.create_model(name, dtype=jax_dtype(dtype), **MODEL_OVERRIDES.get(name, ({}, {}))[1])
     return module, models.init_untrained(module, seed)
 
 
 def timm_model(name: str, device: str, *, fused_attn: bool | None = None) -> Any:
-    """timm model with pretrained=False (random init), eval mode, on `device`. fused_attn=False turns off
-    F.scaled_dot_product_attention in every attention module (needed to see the attention maps)."""
+    """timm model with pretrained=False (random init; perturbed when PERTURB_SEED is set), eval mode, on
+    `device`. fused_attn=False turns off F.scaled_dot_product_attention in every attention module (needed to
+    see the attention maps); None keeps timm's default (also after the perturbation, which turns it off)."""
     import timm
 
-    model = timm.create_model(name, pretrained=False).eval().to(device)
+    if PERTURB_SEED is not None:   # timm's init draws from torch's global generator: the same weights every run
+        import torch
+
+        torch.manual_seed(PERTURB_SEED)
+    model = timm.create_model(name, pretrained=False, **MODEL_OVERRIDES.get(name, ({}, {}))[0])
+    if PERTURB_SEED is not None:
+        from tests.timm_perturb import perturb
+
+        fused = {m: m.fused_attn for m in model.modules() if hasattr(m, "fused_attn")}
+        perturb(model, PERTURB_SEED)
+        for m, on in fused.items():
+            m.fused_attn = on
+    model = model.eval().to(device)
     if fused_attn is not None:
         set_fused_attn(model, fused_attn)
     return model
@@ -369,6 +391,19 @@ def set_fused_attn(module: Any, on: bool) -> int:
             m.fused_attn = on
             count += 1
     return count
+
+
+def model_pair(name: str, dtype: str, device: str, seed: int = 0, *, share: bool = True,
+               fused_attn: bool | None = None) -> tuple[Any, Any, Any, Any | None]:
+    """(timm model, project module, variables, shared): with `share`, variables = the timm model's weights
+    converted (`shared` is them too); else, or when conversion fails, the project's own random init (`shared`
+    None). The init is skipped when the weights are shared: jitting `module.init` costs seconds per model."""
+    from vitsparse_jax import models
+
+    model = timm_model(name, device, fused_attn=fused_attn)
+    module = models.create_model(name, dtype=jax_dtype(dtype), **MODEL_OVERRIDES.get(name, ({}, {}))[1])
+    shared = shared_weights(model, module) if share else None
+    return model, module, (shared if shared is not None else models.init_untrained(module, seed)), shared
 
 
 def shared_weights(timm_model_: Any, module: Any) -> Any | None:

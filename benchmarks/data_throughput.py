@@ -78,6 +78,40 @@ def stage_costs(source: data.Source, n: int = 64) -> dict[str, float]:
     return {k: 1e3 * v / n for k, v in t.items()}
 
 
+def measure(args: argparse.Namespace) -> dict:
+    """Writes `args.num_images` JPEGs, times the pipeline for each of `args.workers` thread counts and, with
+    `args.cache` (default on), from the crop cache; prints each figure and returns them all."""
+    out: dict = {"num_images": args.num_images, "batch_size": args.batch_size,
+                 "host_cores_available": data.default_num_workers()}
+    print(f"host cores available: {out['host_cores_available']}; jax backend: {jax.default_backend()}")
+    with tempfile.TemporaryDirectory() as tmp:
+        kb = write_jpegs(os.path.join(tmp, "images"), args.num_images)
+        # label_space="dataset": the folder's own class index; the ImageNet label map needs tensorflow_datasets
+        source = data.FolderSource(os.path.join(tmp, "images"), label_space="dataset")
+        out["mean_jpeg_kb"] = kb
+        print(f"{args.num_images} JPEGs, mean {kb:.0f} kB; transform: bicubic, crop_pct 0.9, 224 px")
+        time_batches(data.Subset(source, range(args.batch_size)), args.batch_size, 1)  # warm-up (jit, cache)
+        costs = stage_costs(source, min(64, args.num_images))
+        out["single_thread_cpu_ms_per_image"] = costs
+        out["images_per_s_per_core"] = 1e3 / sum(costs.values())
+        print("single thread, CPU ms/image: " + ", ".join(f"{k} {v:.2f}" for k, v in costs.items())
+              + f" -> {out['images_per_s_per_core']:.0f} images/s per core")
+        out["batches"] = []
+        for w in [int(x) for x in str(args.workers).split(",")]:
+            rate, per_cpu = time_batches(source, args.batch_size, w)
+            out["batches"].append({"threads": w, "images_per_s": rate, "images_per_cpu_s": per_cpu})
+            print(f"data.batches, {w} thread(s): {rate:.0f} images/s wall-clock; "
+                  f"{per_cpu:.0f} images per CPU-second (= images/s per fully used core)")
+        if getattr(args, "cache", True):
+            cache, w = os.path.join(tmp, "cache"), data.default_num_workers()
+            time_batches(source, args.batch_size, w, cache)  # fills the cache
+            rate, per_cpu = time_batches(source, args.batch_size, w, cache)
+            out["from_cache"] = {"threads": w, "images_per_s": rate, "images_per_cpu_s": per_cpu}
+            print(f"from the crop cache, {w} thread(s): {rate:.0f} images/s wall-clock; "
+                  f"{per_cpu:.0f} images per CPU-second")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num_images", type=int, default=512)
@@ -85,24 +119,7 @@ def main() -> None:
     parser.add_argument("--workers", default="1,2", help="comma-separated decode thread counts")
     args = parser.parse_args()
     print("command: python " + " ".join(shlex.quote(a) for a in sys.argv))
-    print(f"host cores available: {data.default_num_workers()}; jax backend: {jax.default_backend()}")
-    with tempfile.TemporaryDirectory() as tmp:
-        kb = write_jpegs(os.path.join(tmp, "images"), args.num_images)
-        source = data.FolderSource(os.path.join(tmp, "images"))
-        print(f"{args.num_images} JPEGs, mean {kb:.0f} kB; transform: bicubic, crop_pct 0.9, 224 px")
-        time_batches(data.Subset(source, range(args.batch_size)), args.batch_size, 1)  # warm-up (jit, cache)
-        costs = stage_costs(source)
-        print("single thread, CPU ms/image: " + ", ".join(f"{k} {v:.2f}" for k, v in costs.items())
-              + f" -> {1e3 / sum(costs.values()):.0f} images/s per core")
-        for w in [int(x) for x in args.workers.split(",")]:
-            rate, per_cpu = time_batches(source, args.batch_size, w)
-            print(f"data.batches, {w} thread(s): {rate:.0f} images/s wall-clock; "
-                  f"{per_cpu:.0f} images per CPU-second (= images/s per fully used core)")
-        cache, w = os.path.join(tmp, "cache"), data.default_num_workers()
-        time_batches(source, args.batch_size, w, cache)  # fills the cache
-        rate, per_cpu = time_batches(source, args.batch_size, w, cache)
-        print(f"from the crop cache, {w} thread(s): {rate:.0f} images/s wall-clock; "
-              f"{per_cpu:.0f} images per CPU-second")
+    measure(args)
 
 
 if __name__ == "__main__":

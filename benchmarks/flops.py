@@ -42,13 +42,15 @@ def matmul_peak(args, info) -> dict:
             contenders = {"jax": (lambda mm=mm, ja=ja, jb=jb: mm(ja, jb), bc.jax_sync),
                           "torch": (lambda ta=ta, tb=tb: torch.mm(ta, tb), bc.torch_sync_fn(device))}
             bc.wait_for_calm(args.wait_load, args.wait_max_s)
-            timed, loads = bc.interleaved(contenders, runs=args.runs, work=2.0 * n ** 3, verbose=False)
+            timed, loads = bc.interleaved(contenders, runs=args.runs, work=2.0 * n ** 3, verbose=False,
+                                          iters=getattr(args, "iters", 1))
             for k, t in timed.items():
                 out[(k, dtype, n)] = t.rate
                 print(bc.md_row([f"matmul {n}x{n}", dtype, k, f"{t.rate / 1e9:.1f}", bc.load_label(loads)]),
                       flush=True)
                 bc.append_json(args.json, bc.record("matmul_peak", info, loads, framework=k, dtype=dtype, size=n,
-                                                    gflops_per_s=t.rate / 1e9, run_seconds=t.seconds))
+                                                    gflops_per_s=t.rate / 1e9, run_seconds=t.seconds,
+                                                    iters_per_run=getattr(args, "iters", 1)))
     return out
 
 

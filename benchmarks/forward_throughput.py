@@ -19,6 +19,9 @@ import time
 import bench_common as bc
 
 DEFAULT_MODELS = "vit_base_patch16_224,deit_small_patch16_224,swin_tiny_patch4_window7_224,resnet50,vgg16"
+# Keyword arguments of torch.compile (default: Inductor). The GPU suite's --smoke sets backend="eager", which
+# goes through Dynamo without Inductor's C++ compilation (minutes on a 2-core CPU).
+TORCH_COMPILE_KWARGS: dict = {}
 
 
 def measure(name: str, dtype: str, args: argparse.Namespace, info: dict) -> dict:
@@ -27,11 +30,7 @@ def measure(name: str, dtype: str, args: argparse.Namespace, info: dict) -> dict
     import torch
 
     device = bc.torch_device()
-    model = bc.timm_model(name, device)
-    module, variables = bc.flax_model(name, dtype, args.seed)
-    shared = bc.shared_weights(model, module) if args.share_weights else None
-    if shared is not None:
-        variables = shared
+    model, module, variables, shared = bc.model_pair(name, dtype, device, args.seed, share=args.share_weights)
     img = module.info().img_size
     images = bc.random_images(args.batch_size, img, args.seed)
     x_jax = jax.device_put(bc.normalized_nhwc(images))
@@ -51,7 +50,7 @@ def measure(name: str, dtype: str, args: argparse.Namespace, info: dict) -> dict
     compile_note, compile_s = "", None
     if args.compile:
         try:
-            compiled = torch.compile(model)
+            compiled = torch.compile(model, **TORCH_COMPILE_KWARGS)
             t0 = time.perf_counter()
             with torch.inference_mode(), precision:
                 compiled(x_torch)   # compiles here; failures show up now, not in the timed loop
@@ -84,7 +83,8 @@ def measure(name: str, dtype: str, args: argparse.Namespace, info: dict) -> dict
                     run_seconds={k: t.seconds for k, t in timed.items()},
                     warmup_s={k: t.warmup_s for k, t in timed.items()},
                     ratio_vs_eager=p.rate / e.rate, ratio_vs_compile=(p.rate / c.rate) if c else None,
-                    compile_note=compile_note, torch_compile_first_call_s=compile_s, flops_per_image=flops,
+                    compile_note=compile_note, torch_compile_first_call_s=compile_s,
+                    torch_compile_kwargs=dict(TORCH_COMPILE_KWARGS) if args.compile else None, flops_per_image=flops,
                     project_gflops_per_s=flops * p.rate / 1e9, logits_rel_diff_vs_timm=diff,
                     weights="timm init, shared" if shared is not None else "independent random inits")
     bc.append_json(args.json, rec)

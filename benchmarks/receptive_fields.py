@@ -57,18 +57,8 @@ def torch_program(model, layers, prefix: int, device: str):
     return fn
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="vit_base_patch16_224")
-    parser.add_argument("--batch_size", type=int, default=2)
-    parser.add_argument("--layers", default="", help="comma-separated fnmatch patterns ('' = the experiment default)")
-    parser.add_argument("--chunk_size", type=int, default=8)
-    parser.add_argument("--fraction", type=float, default=1.0 / 7.0)
-    parser.add_argument("--share_weights", type=int, default=1)
-    bc.add_common_args(parser)
-    args = parser.parse_args()
-    info = bc.start()
-
+def measure(args: argparse.Namespace, info: dict) -> dict:
+    """Times both programs on `args.model` (fields as main()'s flags), prints the row, returns the record."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -77,11 +67,8 @@ def main() -> None:
     from vitsparse_jax.experiments.receptive_field import run as rf
 
     device = bc.torch_device()
-    model = bc.timm_model(args.model, device)
-    module, variables = bc.flax_model(args.model, "float32", args.seed)
-    shared = bc.shared_weights(model, module) if args.share_weights else None
-    if shared is not None:
-        variables = shared
+    model, module, variables, shared = bc.model_pair(args.model, "float32", device, args.seed,
+                                                     share=args.share_weights)
     minfo = module.info()
     if minfo.family != "vit":
         raise SystemExit("the torch peer's hooks are written for timm VisionTransformer models")
@@ -114,7 +101,7 @@ def main() -> None:
                      bc.load_label(loads)]), flush=True)
     print(f"  project program: {flops / 1e9:.0f} GFLOP per image = {flops / fwd_flops:.1f} forward passes "
           f"({fwd_flops / 1e9:.1f} GFLOP); {flops * p.rate / 1e9:.1f} GFLOP/s achieved; compile {p.warmup_s:.1f} s")
-    bc.append_json(args.json, bc.record(
+    rec = bc.record(
         "receptive_fields", info, loads, model=args.model, layers=len(layers), batch_size=b,
         chunk_size=args.chunk_size, runs=args.runs, fraction=args.fraction,
         images_per_s={"project": p.rate, "torch_loop": t.rate},
@@ -124,7 +111,22 @@ def main() -> None:
         max_rel_diff_of_maps=max(errs) if shared is not None else None,
         flops_per_image={"project_program": flops, "forward": fwd_flops},
         project_gflops_per_s=flops * p.rate / 1e9,
-        weights="timm init, shared" if shared is not None else "independent random inits"))
+        weights="timm init, shared" if shared is not None else "independent random inits")
+    bc.append_json(args.json, rec)
+    return rec
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="vit_base_patch16_224")
+    parser.add_argument("--batch_size", type=int, default=2)
+    parser.add_argument("--layers", default="", help="comma-separated fnmatch patterns ('' = the experiment default)")
+    parser.add_argument("--chunk_size", type=int, default=8)
+    parser.add_argument("--fraction", type=float, default=1.0 / 7.0)
+    parser.add_argument("--share_weights", type=int, default=1)
+    bc.add_common_args(parser)
+    args = parser.parse_args()
+    measure(args, bc.start())
 
 
 if __name__ == "__main__":
