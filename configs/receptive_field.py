@@ -3,7 +3,7 @@
   python -m vitsparse_jax.main --config=configs/receptive_field.py          # built-in vit_pico, trained + untrained
   python -m vitsparse_jax.main --config=configs/receptive_field.py:paper    # paper 2's five models on ImageNet
   python -m vitsparse_jax.main --config=configs/receptive_field.py \\
-      --config.model=vit_base_patch16_224.augreg_in21k --config.weights= --config.checkpoint_dir=checkpoints
+      --config.model=vit_base_patch16_224.augreg_in21k                  # timm's weights from the hub
   # locality over training: the checkpoint series of a training run (run configs/train.py first), or
   # --config.receptive_field.checkpoints= a training workdir, its series.json, a glob or comma-separated paths
   python -m vitsparse_jax.main --config=configs/receptive_field.py:training
@@ -32,11 +32,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     rf.variants = "trained,untrained"  # trained = config.weights; untrained = timm's init seeded by config.seed
     rf.chunk_size = 8                  # layers whose gradients are swept back together (vmapped); 0 = all
     rf.checkpoints = ""                # locality over training: a training workdir, its series.json, a glob or paths
-    rf.max_columns = 12                # maps per row in the receptive-field figure
+    rf.max_columns = 12                # maps per row in the receptive-field figure (further layers wrap onto new rows)
+    rf.map_scale = "per_map"           # receptive-field figure: 'per_map' (each map / its max) | 'shared' (one scale)
 
     if arg == "paper":
         config.model = PAPER_MODELS[0]
-        config.weights = ""            # <checkpoint_dir>/<arch>.<tag>.safetensors (python -m checkpoints_convert)
+        config.weights = "auto"        # checkpoint_dir, else timm's weights from the Hugging Face hub
         rf.models = ",".join(PAPER_MODELS)
         config.data.source = "tfds"
         config.data.name = "imagenet2012"

@@ -38,17 +38,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     t = config.train = ml_collections.ConfigDict()
     t.split = "train"              # training split of config.data's source
     t.num_classes = 0              # classifier size; 0 = the architecture's default
-    t.steps = 1000
+    t.steps = 1000                 # optimiser steps
     t.batch_size = 128             # global batch size (over all devices and hosts)
     t.lr = 1e-3                    # peak learning rate
     t.warmup_steps = 100           # linear warmup from 0, then cosine decay to lr * end_lr_factor
-    t.end_lr_factor = 0.01
+    t.end_lr_factor = 0.01         # final learning rate as a fraction of lr
     t.weight_decay = 0.05          # AdamW, decoupled; on kernels only (not on biases, norms, tokens, pos_embed)
-    t.b1 = 0.9
-    t.b2 = 0.999
+    t.b1 = 0.9                     # AdamW beta1
+    t.b2 = 0.999                   # AdamW beta2
     t.grad_clip = 1.0              # global-norm clipping (0 = off)
     t.embed_lr_mult = 1.0          # lr multiplier for pos_embed / cls_token (ViT; see train.make_optimizer)
-    t.label_smoothing = 0.0
+    t.label_smoothing = 0.0        # cross-entropy label smoothing (0 = off)
     t.shift = 3                    # augmentation: random translation by up to this many pixels (0 = off)
     t.eval_every = 100             # steps between evaluations on config.data.split (0 = only at the end)
     t.checkpoint_every = 100       # steps between saves of the train state + an exported checkpoint

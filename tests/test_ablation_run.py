@@ -97,7 +97,7 @@ def rows_of(workdir: Path, model: str = RUN) -> dict[str, np.ndarray]:
 
 def test_default_config_is_the_builtin_vit_on_the_digits_with_the_paper_grid():
     config = get_config()
-    assert (config.model, config.weights, config.data.source) == ("vit_pico_patch4_32", "builtin", "digits")
+    assert (config.model, config.weights, config.data.source) == ("vit_pico_patch4_32", "auto", "digits")
     assert config.ablation.p == (0.05, 0.1, 0.2, 0.3) and config.ablation.n == (1, 2, 3)
     assert config.ablation.draws == 3 and config.ablation.rank_by == "last_layer"
     paper = get_config("paper")

@@ -1,9 +1,10 @@
 """Eval data: sources (TFDS, image folders, digits), timm-exact preprocessing, sharded batches.
 
+    x = data.load_images(["cat.jpg", "dog.png"], pretrained_cfg)  # files -> normalised (B, S, S, 3) batch
     source = data.make_eval_source(config.data)
-    for batch in data.batches(source, pretrained_cfg, batch_size, mesh, start=0):
+    for batch in data.batches(source, pretrained_cfg, batch_size):   # mesh: every device unless given
         x = data.normalize(batch["image"], pretrained_cfg)     # on device, float32
-See docs/design.md ("Data") and docs/data.md.
+See docs/design.md ("Data"), docs/data.md and docs/api.md.
 """
 from __future__ import annotations
 
@@ -19,17 +20,22 @@ from vitsparse_jax.data.sources import (
     Source,
     Subset,
     TfdsSource,
+    check_data_config,
     check_labels,
     imagenet_wnids,
     subset,
 )
-from vitsparse_jax.data.transforms import EvalTransform, decode_image, normalize
+from vitsparse_jax.data.transforms import EvalTransform, ImageLike, decode_image, load_images, normalize, read_image
+from vitsparse_jax.runtime.paths import expand_path
 
 SOURCES = ("digits", "tfds", "folder", "images")
 # `config.data` fields (vitsparse_jax.runtime.config_defaults.data_config);
 # batch_size / num_workers / cache_dir are read by the experiments for `batches`.
 CONFIG_FIELDS = ("source", "name", "split", "data_dir", "manual_dir", "folder", "num_images",
                  "per_class", "every_kth_class", "label_space", "batch_size", "cache_dir", "num_workers")
+
+# fields that name files or folders: `~` and environment variables are expanded
+PATH_FIELDS = ("data_dir", "manual_dir", "folder", "cache_dir")
 
 
 def make_eval_source(cfg: Mapping[str, Any]) -> Source:
@@ -38,9 +44,11 @@ def make_eval_source(cfg: Mapping[str, Any]) -> Source:
     unknown = sorted(set(cfg.keys()) - set(CONFIG_FIELDS))
     if unknown:
         raise ValueError(f"unknown data config field(s) {unknown}; valid: {', '.join(CONFIG_FIELDS)}")
+    check_data_config(cfg)   # negative counts are errors, not 'all but the last N'
 
     def get(key: str, default: Any = None) -> Any:
-        return cfg.get(key) or default
+        value = cfg.get(key) or default
+        return expand_path(value) if key in PATH_FIELDS and value else value
 
     num_images = get("num_images")
 
@@ -67,6 +75,6 @@ def make_eval_source(cfg: Mapping[str, Any]) -> Source:
 
 
 __all__ = ["Batch", "CropCache", "DatasetNotPreparedError", "DigitsSource", "EvalTransform", "FolderSource",
-           "ImageLoader", "Record", "SOURCES", "Source", "Subset", "TfdsSource", "batches", "check_labels",
-           "decode_image", "default_num_workers", "imagenet_wnids", "make_eval_source", "normalize",
-           "num_batches", "subset"]
+           "ImageLike", "ImageLoader", "Record", "SOURCES", "Source", "Subset", "TfdsSource", "batches",
+           "check_labels", "decode_image", "default_num_workers", "imagenet_wnids", "load_images",
+           "make_eval_source", "normalize", "num_batches", "read_image", "subset"]

@@ -11,7 +11,9 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
-from typing import Any, Mapping
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +24,10 @@ from PIL import Image
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
 DEFAULT_CROP_PCT = 0.875
+
+# What `EvalTransform`, `read_image` and `load_images` take: a file path, encoded file bytes, a PIL image or
+# a uint8 (H, W, 3) / (H, W) array.
+ImageLike = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
 
 INTERPOLATIONS: dict[str, Image.Resampling] = {
     "nearest": Image.Resampling.NEAREST,
@@ -35,7 +41,8 @@ INTERPOLATIONS: dict[str, Image.Resampling] = {
 
 @dataclasses.dataclass(frozen=True)
 class EvalTransform:
-    """Resize + center crop of timm's eval transform. `__call__`: RGB PIL image -> uint8 (H, W, 3)."""
+    """Resize + center crop of timm's eval transform. `__call__`: an image (path, bytes, PIL image or uint8
+    array; see `read_image`) -> uint8 (H, W, 3)."""
 
     size: tuple[int, int]  # (height, width) of the crop
     crop_pct: float = DEFAULT_CROP_PCT
@@ -73,7 +80,10 @@ class EvalTransform:
         return {"size": list(self.size), "crop_pct": self.crop_pct, "interpolation": self.interpolation,
                 "crop_mode": self.crop_mode}
 
-    def __call__(self, img: Image.Image) -> np.ndarray:
+    def __call__(self, img: ImageLike) -> np.ndarray:
+        """An image (a file path, encoded bytes, a PIL image of any mode or a uint8 array) -> uint8 crop."""
+        if not (isinstance(img, Image.Image) and img.mode == "RGB"):
+            img = read_image(img)
         resample = INTERPOLATIONS[self.interpolation]
         if self.crop_mode == "squash":
             img = _resize_to(img, self.scale_size, resample)
@@ -112,6 +122,39 @@ def _center_crop(img: Image.Image, size: tuple[int, int]) -> Image.Image:
     top = int(round((h - th) / 2.0))
     left = int(round((w - tw) / 2.0))
     return img.crop((left, top, left + tw, top + th))
+
+
+def read_image(image: ImageLike) -> Image.Image:
+    """A file path (`~` and environment variables expanded), encoded bytes, a PIL image or a uint8 array
+    -> fully decoded RGB PIL image (`decode_image`)."""
+    if isinstance(image, (str, os.PathLike)):
+        path = Path(os.path.expandvars(os.path.expanduser(os.fspath(image))))
+        return decode_image(path.read_bytes())
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return decode_image(bytes(image))
+    if isinstance(image, (Image.Image, np.ndarray)):
+        return decode_image(image)
+    raise TypeError(f"expected an image file path, encoded bytes, a PIL image or a uint8 array, got "
+                    f"{type(image).__name__}")
+
+
+def load_images(images: ImageLike | Sequence[ImageLike], pretrained_cfg: Mapping[str, Any] | None = None, *,
+                dtype: Any = jnp.float32) -> jax.Array:
+    """Images (file paths, bytes, PIL images or uint8 arrays; one or a list) -> the model's input batch
+    (B, S, S, 3): timm's eval transform (`EvalTransform.from_cfg(pretrained_cfg)`) then `normalize`.
+
+        x = data.load_images(["cat.jpg", "dog.png"], loaded.pretrained_cfg)
+        logits, aux = loaded.module.apply(loaded.variables, x)
+    """
+    cfg = pretrained_cfg or {}
+    if isinstance(images, (str, os.PathLike, bytes, bytearray, memoryview, Image.Image)) or (
+            isinstance(images, np.ndarray) and images.ndim == 3):
+        images = [images]
+    transform = EvalTransform.from_cfg(cfg)
+    crops = [transform(image) for image in images]
+    if not crops:
+        raise ValueError("load_images needs at least one image")
+    return normalize(np.stack(crops), cfg, dtype=dtype)
 
 
 def decode_image(data: bytes | np.ndarray | Image.Image) -> Image.Image:

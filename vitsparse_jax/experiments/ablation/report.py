@@ -1,5 +1,6 @@
 """Ablation metrics from per-image correctness rows: A0, A_t, A_r, psi with bootstrap intervals, and the
-paper's tables (markdown), CSV rows and the report text. Pure numpy; no devices, no files.
+paper's tables (markdown), CSV rows, the sanity warnings and the report text (pure numpy, no devices);
+`write_outputs` writes them all, with the figures, to the workdir.
 
 Per-image rows (what the pass over the data accumulates, indexed by global image index):
   done  (T,)              the image was evaluated (False: padding never reaches here; unread images)
@@ -14,6 +15,8 @@ import math
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
+
+from vitsparse_jax.experiments import sanity
 
 TRANSFORMERS = ("vit", "swin")
 
@@ -172,3 +175,69 @@ def csv_rows(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
                         "unstable": c["unstable"], "whole_layer": whole.get(c["n"])})
             rows.append(row)
     return rows
+
+
+# --- sanity warnings, report.md and the files of a run ------------------------------------------------------
+
+def add_sanity(out: dict[str, Any]) -> list[str]:
+    """Records each model's weight provenance (`provenance`) and the run's `warnings` in `out` (results.json)
+    and logs the warnings: untrained / unknown weights, A0 at or below chance, a label space that is not the
+    model's."""
+    warnings: list[str] = []
+    data_classes = int(out.get("data", {}).get("num_classes") or 0)
+    for r in out["models"]:
+        r["provenance"] = sanity.provenance(r)
+        classes = int((r.get("pretrained_cfg") or {}).get("num_classes") or 0)
+        warnings += sanity.weights_warnings(r["name"], r)
+        warnings += sanity.chance_warning(r["name"], r["A0"], r["images_used"], classes)
+        warnings += sanity.label_space_warning(r["name"], data_classes, classes)
+    out["warnings"] = sanity.emit(warnings)
+    return out["warnings"]
+
+
+def _items(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return [str(v).strip() for v in value or ()]
+
+
+def write_outputs(workdir: Any, out: dict[str, Any], config: Any) -> None:
+    """results.json / .csv, tables.md, Figures 4a and 4b (PNG + PDF) and report.md of a run."""
+    from vitsparse_jax.experiments.ablation import figures
+
+    results, ab = out["models"], config.ablation
+    add_sanity(out)
+    workdir.write_json("results.json", out)
+    workdir.write_csv("results.csv", csv_rows(results))
+    workdir.write_text("tables.md", tables_markdown(results, float(ab.confidence)))
+    n_a = 2 if 2 in results[0]["grid"]["n"] else results[0]["grid"]["n"][-1]
+    picked = _items(ab.figure_models)
+    shown = [r for r in results if not picked or r["model"] in picked or r["name"] in picked] or results
+    workdir.save_figure(figures.accuracy_vs_p(shown, n=n_a), "figure4a")
+    focus = next((r for r in results if ab.figure_b_model in (r["model"], r["name"])), results[0])
+    workdir.save_figure(figures.accuracy_vs_p_by_n(focus), "figure4b")
+    workdir.write_text("report.md", report_text(out, n_a, focus["name"]))
+
+
+def report_text(out: dict[str, Any], n_a: int, focus: str) -> str:
+    lines = ["# Ablation report (paper 1, section 5)", ""]
+    source = out["data"]
+    lines += [f"Data: {source.get('name')} ({source.get('identity')}), {source.get('num_images')} images"
+              + (f", {source['num_classes']} classes" if source.get("num_classes") else "") + ".", ""]
+    lines += sanity.markdown(out.get("warnings", ()))
+    for r in out["models"]:
+        g = r["grid"]
+        unit = f", unit: {g['cnn_unit']}" if r["family"] in ("vgg", "resnet", "convnext") else ""
+        sites = ", ".join(f"{s['site']} (U={s['units']})" for s in r["sites"])
+        prov = r.get("provenance") or sanity.provenance(r)
+        lines.append(f"- **{r['name']}** ({r['family']}; weights: {prov['kind']}, {prov['detail']}): A0 = "
+                     f"{100 * r['A0']:.2f}% on {r['images_used']} images ({r['images_skipped']} skipped); "
+                     f"ranking: {g['rank_by']}{unit}; renormalize={g['renormalize']}; ablation layers: {sites}")
+    flagged = sum(c["unstable"] for r in out["models"] for c in r["cells"])
+    total = sum(len(r["cells"]) for r in out["models"])
+    lines += ["", f"{flagged} of {total} cells flagged 'n.s.' (A0 - A_r within noise).", "",
+              "Files: `tables.md` (Tables 1-2), `results.json`, `results.csv`, "
+              f"`figure4a.png/pdf` (accuracy vs p at n = {n_a}), `figure4b.png/pdf` ({focus}, n = 1..3, "
+              "whole-layer reference dotted).", "", "Decisions (SPEC section 3):", ""]
+    lines += [f"- {decision}" for decision in out["decisions"]]
+    return "\n".join(lines) + "\n"

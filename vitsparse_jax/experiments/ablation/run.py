@@ -24,8 +24,8 @@ from vitsparse_jax import data, models
 from vitsparse_jax.experiments.ablation import report as ablation_report
 from vitsparse_jax.experiments.ablation import units as ablation_units
 from vitsparse_jax.experiments.ablation.units import Plan
-from vitsparse_jax.runtime import parallel, resumable
-from vitsparse_jax.runtime.workdir import Workdir
+from vitsparse_jax.runtime import fingerprint, parallel, resumable
+from vitsparse_jax.runtime.workdir import Workdir, versions
 from vitsparse_jax.weights import loading
 from vitsparse_jax.weights.loading import LoadedModel
 
@@ -197,9 +197,10 @@ def evaluate(config: Any, loaded: LoadedModel, plan: Plan, source: Any, mesh: ja
             rows[name][idx] = True if name == "done" else out[name][out["valid"]]
         return rows
 
-    key = {"model": loaded.describe(), "grid": dataclasses.asdict(Grid.from_config(config.ablation)),
+    key = {"model": loaded.describe(), "weights": fingerprint.weights(loaded.weights),
+           "grid": dataclasses.asdict(Grid.from_config(config.ablation)),
            "ablation_sites": [s.site for s in plan.groups[-1].sites], "seed": int(config.seed),
-           "data": _data_key(config.data)}
+           "data": _data_key(config.data), "images": fingerprint.data(source)}
     stop = int(config.ablation.stop_after_batches) or None
     return resumable.run_resumable(
         workdir, key=key, total=len(source), batch_size=batch_size, resume=config.resume,
@@ -219,29 +220,8 @@ def _data_key(data_cfg: Any) -> dict[str, Any]:
 # --- run ---------------------------------------------------------------------------------------------------
 
 def _check_weights(config: Any, names: Sequence[str]) -> None:
-    """Every model's weights exist (before any compute); shapes are checked when each is loaded."""
-    weights = config.weights
-    if weights == loading.UNTRAINED:
-        return
-    if weights not in (loading.BUILTIN, "") and len(names) > 1:
-        raise ValueError(f"weights={weights!r} names one file but {len(names)} models are listed; use "
-                         "weights='' with checkpoint_dir")
-    if weights not in (loading.BUILTIN, ""):
-        return                              # a file: load_model checks it
-    folder = str(loading.ASSETS) if weights == loading.BUILTIN else config.checkpoint_dir
-    missing = []
-    for name in names:
-        try:
-            loading.find_checkpoint(*models.split_name(name), folder)
-        except FileNotFoundError as e:
-            missing.append((name, e))
-    if len(missing) == 1:
-        raise missing[0][1]
-    if missing:
-        raise FileNotFoundError(
-            f"no converted weights in {folder!r} for {len(missing)} of the {len(names)} models: "
-            f"{', '.join(name for name, _ in missing)}. docs/ablation.md ('Reproducing the paper') converts "
-            f"them all; the first one's message: {missing[0][1]}")
+    """Every model's weights can be found (before any compute); shapes are checked when each is loaded."""
+    loading.check_weights(names, config.weights, config.checkpoint_dir)
 
 
 def prepare(config: Any) -> tuple[Grid, list[str]]:
@@ -265,7 +245,8 @@ def run(config: Any, workdir: Workdir) -> dict[str, Any]:
     parallel.check_batch_size(mesh, int(config.data.batch_size))
     source = data.make_eval_source(config.data)
     if source.num_classes == 0:
-        raise ValueError(f"the ablation needs labelled images; {source.name} has no labels")
+        raise ValueError(f"the ablation needs labelled images; {source.name} has no labels. Use "
+                         "data.source='folder' with one subfolder per class, or a labelled TFDS dataset")
 
     results = []
     for name in names:
@@ -278,9 +259,9 @@ def run(config: Any, workdir: Workdir) -> dict[str, Any]:
 
     out = {"experiment": "ablate", "decisions": list(DECISIONS), "models": results,
            "data": {**source.describe(), "config": config.data.to_dict()}, "config": config.to_dict(),
-           "versions": workdir.read_json("versions.json") if workdir.path("versions.json").exists() else {}}
+           "versions": versions()}
     if jax.process_index() == 0:
-        write_outputs(workdir, out, config)
+        ablation_report.write_outputs(workdir, out, config)   # also the sanity warnings (logged, in report.md)
     return out
 
 
@@ -302,40 +283,3 @@ def model_result(config: Any, loaded: LoadedModel, plan: Plan, rows: dict[str, n
         "skipped_reasons": {str(i): why for i, why in sorted(source.skipped.items())[:20]},
         **stats,
     }
-
-
-def write_outputs(workdir: Workdir, out: dict[str, Any], config: Any) -> None:
-    from vitsparse_jax.experiments.ablation import figures as figures
-
-    results, ab = out["models"], config.ablation
-    workdir.write_json("results.json", out)
-    workdir.write_csv("results.csv", ablation_report.csv_rows(results))
-    workdir.write_text("tables.md", ablation_report.tables_markdown(results, float(ab.confidence)))
-    n_a = 2 if 2 in results[0]["grid"]["n"] else results[0]["grid"]["n"][-1]
-    picked = _items(ab.figure_models)
-    shown = [r for r in results if not picked or r["model"] in picked or r["name"] in picked] or results
-    workdir.save_figure(figures.accuracy_vs_p(shown, n=n_a), "figure4a")
-    focus = next((r for r in results if ab.figure_b_model in (r["model"], r["name"])), results[0])
-    workdir.save_figure(figures.accuracy_vs_p_by_n(focus), "figure4b")
-    workdir.write_text("report.md", report_text(out, n_a, focus["name"]))
-
-
-def report_text(out: dict[str, Any], n_a: int, focus: str) -> str:
-    lines = ["# Ablation report (paper 1, section 5)", ""]
-    source = out["data"]
-    lines += [f"Data: {source.get('name')} ({source.get('identity')}), {source.get('num_images')} images.", ""]
-    for r in out["models"]:
-        g = r["grid"]
-        unit = f", unit: {g['cnn_unit']}" if r["family"] in ("vgg", "resnet") else ""
-        sites = ", ".join(f"{s['site']} (U={s['units']})" for s in r["sites"])
-        lines.append(f"- **{r['name']}** ({r['family']}, weights: {r['weights']}): A0 = {100 * r['A0']:.2f}% on "
-                     f"{r['images_used']} images ({r['images_skipped']} skipped); ranking: {g['rank_by']}{unit}; "
-                     f"renormalize={g['renormalize']}; ablation layers: {sites}")
-    flagged = sum(c["unstable"] for r in out["models"] for c in r["cells"])
-    total = sum(len(r["cells"]) for r in out["models"])
-    lines += ["", f"{flagged} of {total} cells flagged 'n.s.' (A0 - A_r within noise).", "",
-              "Files: `tables.md` (Tables 1-2), `results.json`, `results.csv`, "
-              f"`figure4a.png/pdf` (accuracy vs p at n = {n_a}), `figure4b.png/pdf` ({focus}, n = 1..3, "
-              "whole-layer reference dotted).", "", "Decisions (SPEC section 3):", ""]
-    lines += [f"- {decision}" for decision in out["decisions"]]
-    return "\n".join(lines) + "\n"

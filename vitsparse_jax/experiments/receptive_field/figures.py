@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib import ticker
 from matplotlib.lines import Line2D
-from matplotlib.patches import Rectangle
+from matplotlib.patches import Patch, Rectangle
 
 Entry = dict[str, Any]
 GROUP_TITLES = {"attn": "attn (slow pathway)", "attn_res": "attn_res (fast pathway)", "mlp": "mlp",
@@ -35,37 +35,66 @@ def _groups(entry: Entry) -> list[str]:
     return list(dict.fromkeys(layer["group"] for layer in entry["layers"]))
 
 
-def _columns(n: int, max_columns: int) -> list[int]:
-    """Up to max_columns indices spread evenly over 0..n-1, first and last included."""
-    if n <= max_columns:
-        return list(range(n))
-    return sorted(set(np.round(np.linspace(0, n - 1, max_columns)).astype(int).tolist()))
+SCALES = ("per_map", "shared")
 
 
-def maps_across_depth(entries: Sequence[Entry], max_columns: int = 12) -> plt.Figure:
-    """Receptive-field maps (each scaled to its own max) across depth: a row per model and pathway,
-    the central region outlined."""
-    rows = [(entry, group) for entry in entries for group in _groups(entry)]
-    ncols = max(len(_columns(sum(l["group"] == g for l in e["layers"]), max_columns)) for e, g in rows)
-    fig, axes = plt.subplots(len(rows), ncols, figsize=(1.3 * ncols + 1.8, 1.35 * len(rows) + 0.4),
-                             squeeze=False)
+def check_scale(scale: str) -> str:
+    if scale not in SCALES:
+        raise ValueError(f"receptive_field.map_scale must be one of {', '.join(SCALES)}, got {scale!r}")
+    return scale
+
+
+def _short(name: str) -> str:
+    """Panel titles: 'layers.3.blocks.1.attn_res' -> 'l3.b1.attn_res', 'blocks.11.mlp' -> 'b11.mlp'."""
+    return name.replace("layers.", "l").replace("blocks.", "b").replace("features.", "f")
+
+
+def maps_across_depth(entries: Sequence[Entry], max_columns: int = 12, scale: str = "per_map") -> plt.Figure:
+    """Receptive-field maps across depth (paper 2, Fig. 2): for each model and pathway, its layers in forward
+    order, wrapping onto a new row after `max_columns` maps so that every layer is shown (ViT-B/16: 49
+    layers = embed + 4 pathways x 12 blocks -> 5 rows); the central region outlined in cyan; one colour bar.
+
+    scale: 'per_map' divides each map by its own maximum (the shapes are comparable; colour bar M / max M);
+    'shared' puts every map of the figure on one linear scale (the magnitudes are comparable; colour bar M).
+    """
+    check_scale(scale)
+    max_columns = max(1, int(max_columns))
+    blocks = []                       # (entry, group, layer indices) per model and pathway
+    for entry in entries:
+        for group in _groups(entry):
+            blocks.append((entry, group, [i for i, layer in enumerate(entry["layers"]) if layer["group"] == group]))
+    ncols = min(max_columns, max(len(idx) for _, _, idx in blocks))
+    rows = [(entry, group, idx[k:k + ncols], k == 0) for entry, group, idx in blocks for k in range(0, len(idx), ncols)]
+    vmax = max(float(np.max(e["maps"])) for e in entries) if scale == "shared" else 1.0
+    vmax = vmax if vmax > 0 else 1.0
+    panel = 1.05
+    fig = plt.figure(figsize=(panel * ncols + 2.6, panel * 1.12 * len(rows) + 0.9), layout="constrained")
+    axes = fig.subplots(len(rows), ncols, squeeze=False)
+    image = None
     for ax in axes.ravel():
-        ax.axis("off")
-    for r, (entry, group) in enumerate(rows):
-        idx = [i for i, layer in enumerate(entry["layers"]) if layer["group"] == group]
+        ax.set_axis_off()
+    for r, (entry, group, idx, first) in enumerate(rows):
         h, w = entry["image_size"]
-        for c, k in enumerate(_columns(len(idx), max_columns)):
-            layer, m = entry["layers"][idx[k]], np.asarray(entry["maps"][idx[k]])
+        for c, i in enumerate(idx):
+            layer, m = entry["layers"][i], np.asarray(entry["maps"][i], np.float64)
+            if scale == "per_map":
+                m = m / m.max() if m.max() > 0 else m
             ax = axes[r, c]
-            ax.imshow(m / m.max() if m.max() > 0 else m, cmap="inferno", vmin=0, vmax=1, interpolation="nearest")
+            image = ax.imshow(m, cmap="inferno", vmin=0, vmax=vmax, interpolation="none")
             (gh, gw), (r0, r1, c0, c1) = layer["grid"], layer["central"]
             ax.add_patch(Rectangle((c0 * w / gw - 0.5, r0 * h / gh - 0.5), (c1 - c0) * w / gw, (r1 - r0) * h / gh,
                                    fill=False, edgecolor="cyan", linewidth=0.6))
-            ax.set_title(layer["layer"], fontsize=6)
-        axes[r, 0].text(-0.08, 0.5, f"{entry['label']}\n{GROUP_TITLES.get(group, group)}", fontsize=6.5,
-                        ha="right", va="center", transform=axes[r, 0].transAxes)
-    fig.suptitle("Gradient receptive fields |d sum(Y_central)/dx| across depth", fontsize=9)
-    fig.tight_layout()
+            ax.set_title(_short(layer["layer"]), fontsize=6, pad=2)
+        if first:
+            axes[r, 0].text(-0.1, 0.5, f"{entry['label']}\n{GROUP_TITLES.get(group, group)}", fontsize=6.5,
+                            ha="right", va="center", transform=axes[r, 0].transAxes)
+    if image is not None:
+        label = "M / max M (each map)" if scale == "per_map" else "M = |d sum(Y_central)/dx| (one scale)"
+        bar = fig.colorbar(image, ax=axes, shrink=min(1.0, max(0.3, 3.5 / len(rows))), aspect=20, pad=0.01)
+        bar.set_label(label, fontsize=7)
+        bar.ax.tick_params(labelsize=6)
+    fig.suptitle("Gradient receptive fields |d sum(Y_central)/dx| across depth"
+                 + (" (each map scaled to its maximum)" if scale == "per_map" else " (one colour scale)"), fontsize=9)
     return fig
 
 
@@ -96,11 +125,18 @@ def locality_vs_depth(entries: Sequence[Entry]) -> plt.Figure:
         for r, (_, ylabel) in enumerate(METRICS):
             axes[r, c].set_ylabel(ylabel)
             _log_axis(axes[r, c])
-    handles = [Line2D([], [], color=col, label=m) for m, col in colours.items()]
-    handles.append(Line2D([], [], color="gray", marker="o", linestyle="none", label="single layer (embed, stem)"))
+    # Colour = model (a filled square), line style = pathway (grey lines): no entry draws a line that another
+    # entry also describes.
+    handles = [Patch(facecolor=col, edgecolor="none", label=m) for m, col in colours.items()]
     groups = list(dict.fromkeys(g for e in entries for g in _groups(e) if g in GROUP_STYLES))
-    handles += [Line2D([], [], color="gray", linestyle=GROUP_STYLES[g], label=GROUP_TITLES[g]) for g in groups]
-    fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7, frameon=False)
+    if len(groups) > 1:
+        handles += [Line2D([], [], color="gray", linestyle=GROUP_STYLES[g], label=GROUP_TITLES[g]) for g in groups]
+    singles = [g for e in entries for g in _groups(e) if sum(l["group"] == g for l in e["layers"]) == 1]
+    if singles:
+        handles.append(Line2D([], [], color="gray", marker="o", linestyle="none",
+                              label=f"single layer ({', '.join(dict.fromkeys(singles))})"))
+    fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False,
+               title="colour: model; line: pathway" if len(groups) > 1 else "colour: model", title_fontsize=8)
     fig.suptitle("Locality of receptive fields against depth", fontsize=10)
     fig.tight_layout()
     return fig

@@ -7,6 +7,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from vitsparse_jax.experiments import sanity
 from vitsparse_jax.experiments.receptive_field import locality
 from vitsparse_jax.experiments.receptive_field.grad import Layer
 from vitsparse_jax.runtime.workdir import Workdir, atomic_write_bytes
@@ -36,6 +37,7 @@ class Measured:
     num_images: int
     image_hw: tuple[int, int]
     step: int | None = None    # training step, for a checkpoint series
+    skipped: int = 0           # images that could not be read (left out of the mean)
 
     def summaries(self) -> list[dict[str, Any]]:
         """Per layer: grid, central block, centre, S, mean radius, max M and the radial profile E_r."""
@@ -54,17 +56,20 @@ class Measured:
 def _csv_rows(results: Sequence[Measured]) -> list[dict[str, Any]]:
     rows = []
     for res in results:
+        source = sanity.provenance(res.model)["kind"]   # hub, converted, builtin, trained_here, untrained, ...
         for s in res.summaries():
             rows.append({"model": res.model["name"], "tag": res.model["tag"] or "", "trained": res.model["trained"],
                          "step": "" if res.step is None else res.step, "weights": res.model["weights"],
                          "layer": s["layer"], "group": s["group"], "relative_depth": round(s["relative_depth"], 6),
                          "grid": "x".join(map(str, s["grid"])), "S": s["S"], "mean_radius": s["mean_radius"],
-                         "max_M": s["max_M"], "num_images": res.num_images})
+                         "max_M": s["max_M"], "num_images": res.num_images, "weights_source": source})
     return rows
 
 
 def result_json(res: Measured) -> dict[str, Any]:
-    return {**res.model, "label": res.label, "step": res.step, "num_images": res.num_images,
+    return {**res.model, "provenance": sanity.provenance(res.model), "label": res.label, "step": res.step,
+            "num_images": res.num_images,
+            "images_skipped": res.skipped,
             "image_size": list(res.image_hw), "layers": res.summaries()}
 
 
@@ -83,17 +88,36 @@ def _save_maps(workdir: Workdir, name: str, results: Sequence[Measured]) -> None
     atomic_write_bytes(workdir.path(name), buf.getvalue())
 
 
+def sanity_warnings(results: Sequence[Measured], series: Sequence[Measured] = ()) -> list[str]:
+    """A listed model none of whose variants has trained weights; weights whose origin is not recorded."""
+    warnings: list[str] = []
+    for listed in dict.fromkeys(r.model.get("listed", r.model["name"]) for r in results):
+        twins = [r for r in results if r.model.get("listed", r.model["name"]) == listed]
+        if all(sanity.provenance(r.model)["trained"] is False for r in twins):
+            warnings += sanity.weights_warnings(twins[0].model["name"], twins[0].model)
+    for r in [*results, *series]:
+        warnings += sanity.weights_warnings(r.label, r.model, expect_trained=False)
+    return warnings
+
+
+def _weights_cell(model: dict[str, Any]) -> str:
+    prov = sanity.provenance(model)
+    return prov["kind"] if prov["kind"] in (sanity.BUILTIN, sanity.UNTRAINED) else f"{prov['kind']}: {prov['detail']}"
+
+
 def _report(results: Sequence[Measured], series: Sequence[Measured], fraction: float,
-            files: Sequence[str]) -> str:
+            files: Sequence[str], warnings: Sequence[str] = ()) -> str:
     lines = ["# Receptive fields and locality (paper 2)", "",
              f"Central fraction f = {fraction:.6g}. S and mean radius in input pixels (SPEC section 5).", "",
-             "| model | trained | images | layer group | layers | S first -> last | mean radius first -> last |",
+             *sanity.markdown(warnings),
+             "| model | weights | images | layer group | layers | S first -> last | mean radius first -> last |",
              "|---|---|---|---|---|---|---|"]
     for res in results:
         summ = res.summaries()
         for group in dict.fromkeys(s["group"] for s in summ):
             g = [s for s in summ if s["group"] == group]
-            lines.append(f"| {res.model['name']} | {res.model['trained']} | {res.num_images} | {group} | {len(g)} | "
+            lines.append(f"| {res.model['name']} | {_weights_cell(res.model)} | {res.num_images} | {group} | "
+                         f"{len(g)} | "
                          f"{g[0]['S']:.3g} -> {g[-1]['S']:.3g} | "
                          f"{g[0]['mean_radius']:.3g} -> {g[-1]['mean_radius']:.3g} |")
     if series:
@@ -109,11 +133,14 @@ def write_outputs(workdir: Workdir, results: Sequence[Measured], series: Sequenc
     from vitsparse_jax.experiments.receptive_field import figures as figures
 
     files = ["results.json", "receptive_fields.csv", "receptive_fields.npz"]
+    summary["warnings"] = sanity.emit(sanity_warnings(results, series))
     workdir.write_json("results.json", summary)
     workdir.write_csv("receptive_fields.csv", _csv_rows(results))
     _save_maps(workdir, "receptive_fields.npz", results)
     entries = [_figure_entry(r) for r in results]
-    workdir.save_figure(figures.maps_across_depth(entries, max_columns=max_columns), "receptive_field_maps")
+    scale = (summary.get("config") or {}).get("receptive_field", {}).get("map_scale", "per_map")
+    workdir.save_figure(figures.maps_across_depth(entries, max_columns=max_columns, scale=scale),
+                        "receptive_field_maps")
     workdir.save_figure(figures.locality_vs_depth(entries), "locality_vs_depth")
     files += ["receptive_field_maps.png/pdf", "locality_vs_depth.png/pdf"]
     if series:
@@ -122,4 +149,4 @@ def write_outputs(workdir: Workdir, results: Sequence[Measured], series: Sequenc
         workdir.save_figure(figures.locality_over_training([_figure_entry(r) for r in series]),
                             "locality_over_training")
         files += ["locality_over_training.csv", "locality_over_training.npz", "locality_over_training.png/pdf"]
-    workdir.write_text("report.md", _report(results, series, fraction, files))
+    workdir.write_text("report.md", _report(results, series, fraction, files, summary.get("warnings", ())))

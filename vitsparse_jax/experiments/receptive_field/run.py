@@ -33,9 +33,11 @@ from vitsparse_jax.experiments.receptive_field.grad import (  # noqa: F401  (re-
     valid_layers,
 )
 from vitsparse_jax.experiments.receptive_field.report import DECISIONS, Measured, result_json, write_outputs
+from vitsparse_jax.runtime import fingerprint as input_fingerprint
 from vitsparse_jax.runtime import parallel, resumable
-from vitsparse_jax.runtime.workdir import Workdir
-from vitsparse_jax.weights.loading import TAG_NUM_CLASSES, UNTRAINED, LoadedModel, load_model
+from vitsparse_jax.runtime.workdir import Workdir, to_json, versions
+from vitsparse_jax.weights import pretrained
+from vitsparse_jax.weights.loading import UNTRAINED, LoadedModel, load_model
 
 log = logging.getLogger(__name__)
 
@@ -68,31 +70,46 @@ def measure(loaded: LoadedModel, listed: str, label: str, config: Any, workdir: 
     names = select_layers(loaded.info, as_list(rf.layers))
     layers = layer_specs(loaded.module, loaded.variables, loaded.info, names, fraction, image_hw)
     data_key = {k: v for k, v in config.data.to_dict().items() if k not in DATA_FIELDS_NOT_IN_RESULTS}
-    key = {"model": loaded.describe(), "label": label, "layers": names, "fraction": fraction, "data": data_key,
+    key = {"model": loaded.describe(), "weights": input_fingerprint.weights(loaded.weights), "label": label,
+           "layers": names, "fraction": fraction, "data": data_key, "images": input_fingerprint.data(source),
            "step": step}
     fingerprint = resumable.fingerprint(key)
     done_name = f"{DONE_DIR}/{_slug(label)}.npz"
     model = _model_meta(loaded, listed)
 
-    saved = workdir.load_state(done_name) if config.resume else None
-    if saved is not None and saved[1].get("fingerprint") == fingerprint:
-        arrays, meta = saved
+    # a finished measurement: the same key, or a refusal naming what differs (process 0 decides for all)
+    saved, error = None, None
+    if config.resume and jax.process_index() == 0:
+        try:
+            saved = workdir.load_state(done_name)
+            if saved is not None:
+                resumable.check_state_key(saved[1], key, workdir.path(done_name), "a finished measurement")
+        except Exception as e:  # noqa: BLE001  (raised below, on every process)
+            error = e
+    if not parallel.from_first(np.int32(error is None)):
+        raise error or resumable.StateError(f"process 0 refused {workdir.path(done_name)} (its output says why)")
+    if parallel.from_first(np.int32(saved is not None)):
+        maps = np.zeros((len(layers), *image_hw)) if saved is None else np.asarray(saved[0]["maps"], np.float64)
+        meta = {} if saved is None else saved[1]
+        maps, counts = parallel.from_first((maps, np.array([meta.get("num_images", 0), meta.get("num_skipped", 0)])))
+        input_fingerprint.record(json.loads(to_json(key)))
         log.info("%s: already measured, read from %s", label, done_name)
-        return Measured(model, label, layers, arrays["maps"], int(meta["num_images"]), image_hw, step)
-    if saved is not None:
-        raise ValueError(f"{workdir.path(done_name)} holds results of another config; use another "
-                         f"--config.workdir, or --config.resume=False to start over")
+        return Measured(model, label, layers, maps, int(counts[0]), image_hw, step, skipped=int(counts[1]))
 
     batch_size = int(config.data.batch_size)
     norm = (tuple(map(float, cfg["mean"])), tuple(map(float, cfg["std"])))
-    fn = make_rf_fn(loaded.module, tuple(layers), loaded.info.num_prefix_tokens, int(rf.chunk_size), norm)
+    fn = make_rf_fn(loaded.module, tuple(layers), loaded.info.num_prefix_tokens, int(rf.chunk_size), norm,
+                    per_image=True)
     variables = parallel.replicate(loaded.variables, mesh)
 
     def process(batch: dict[str, Any], acc: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        weight = batch["valid"].astype(jnp.float32)
-        maps, count = parallel.to_host((fn(variables, batch["image"], weight), weight.sum()))
-        acc["maps"] += maps
-        acc["count"] += count
+        maps, valid = parallel.to_host((fn(variables, batch["image"], batch["valid"].astype(jnp.float32)),
+                                        batch["valid"]))
+        for i in np.flatnonzero(valid):   # one image at a time, in dataset order: any batch split, same sums
+            acc["maps"] += maps[:, i]
+            acc["count"] += 1
+        index = parallel.to_host(batch["index"])
+        acc["skipped"] += np.sum((index >= 0) & ~np.asarray(valid))   # unreadable images: counted, not dropped
         return acc
 
     total = len(source)
@@ -101,16 +118,22 @@ def measure(loaded: LoadedModel, listed: str, label: str, config: Any, workdir: 
         batches_from=lambda start: data.batches(source, cfg, batch_size, mesh, start=start,
                                                 cache_dir=config.data.get("cache_dir") or None,
                                                 num_workers=config.data.get("num_workers") or None),
-        init=lambda: {"maps": np.zeros((len(layers), *image_hw)), "count": np.zeros(())},
+        init=lambda: {"maps": np.zeros((len(layers), *image_hw)), "count": np.zeros(()), "skipped": np.zeros(())},
         process=process, desc=f"receptive fields {label}", is_writer=jax.process_index() == 0)
-    count = int(acc["count"])
+    count, skipped = int(acc["count"]), int(acc["skipped"])
     if count == 0:
-        raise ValueError(f"no images in {config.data.source!r} split {config.data.split!r}")
+        reasons = "; ".join(f"image {i}: {why}" for i, why in sorted(source.skipped.items())[:3])
+        raise ValueError(f"none of the {total} images of {source.name} could be read ({skipped} unreadable"
+                         f"{': ' + reasons if reasons else ''}); check the files, or choose other data "
+                         "(--config.data.*)" if total else f"no images in {source.name}")
+    if skipped:
+        log.warning("%s: %d of %d images could not be read and are left out", label, skipped, total)
     maps = acc["maps"] / count
     if jax.process_index() == 0:
-        workdir.save_state({"maps": maps}, {"fingerprint": fingerprint, "num_images": count}, name=done_name)
+        workdir.save_state({"maps": maps}, {"fingerprint": fingerprint, "num_images": count, "num_skipped": skipped,
+                                            "key": json.loads(to_json(key))}, name=done_name)
         workdir.clear_state()
-    return Measured(model, label, layers, maps, count, image_hw, step)
+    return Measured(model, label, layers, maps, count, image_hw, step, skipped=skipped)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -193,8 +216,8 @@ def check_layers(config: Any) -> None:
     """Fails fast, before any weights are loaded, on a layer pattern that some model of the run lacks."""
     patterns = as_list(config.receptive_field.layers)
     for name in dict.fromkeys(as_list(config.receptive_field.models) or [config.model]):
-        tag = models.split_name(name)[1]
-        overrides = {"num_classes": TAG_NUM_CLASSES[tag]} if tag in TAG_NUM_CLASSES else {}
+        arch, tag = models.split_name(name)
+        overrides = pretrained.module_overrides(arch, pretrained.resolve_cfg(arch, tag))
         select_layers(models.model_info(models.create_model(name, **overrides)), patterns)
 
 
@@ -207,6 +230,8 @@ def checkpoint_model(path: Path, default: str) -> str:
 def run(config: Any, workdir: Workdir) -> dict[str, Any]:
     rf = config.receptive_field
     fraction = locality.check_fraction(rf.fraction)
+    from vitsparse_jax.experiments.receptive_field.figures import check_scale
+    check_scale(rf.get("map_scale", "per_map"))   # the figure's option, checked before any compute
     pairs = model_variants(config)
     check_layers(config)
     series_spec = checkpoint_series(rf.checkpoints) if as_list(rf.checkpoints) else []
@@ -227,8 +252,7 @@ def run(config: Any, workdir: Workdir) -> dict[str, Any]:
 
     summary = {"experiment": "receptive_field", "fraction": fraction, "decisions": list(DECISIONS),
                "models": [result_json(r) for r in results], "training": [result_json(r) for r in series],
-               "config": config.to_dict(), "versions": workdir.read_json("versions.json")
-               if workdir.path("versions.json").exists() else {}}
+               "data": source.describe(), "config": config.to_dict(), "versions": versions()}
     if jax.process_index() == 0:
         write_outputs(workdir, results, series, summary, fraction, int(rf.max_columns))
     return summary

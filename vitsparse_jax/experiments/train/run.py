@@ -20,22 +20,27 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import flax
 import flax.serialization
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from jax.sharding import Mesh
 from tqdm import tqdm
 
 from vitsparse_jax import data
+from vitsparse_jax.runtime import fingerprint as input_fingerprint
 from vitsparse_jax.runtime import parallel, resumable
-from vitsparse_jax.runtime.workdir import Workdir, atomic_write_bytes
+from vitsparse_jax.runtime import stopping as stop_signals
+from vitsparse_jax.runtime.errors import StateError
+from vitsparse_jax.runtime.workdir import Workdir, atomic_write_bytes, to_json
 from vitsparse_jax.weights import checkpoint, loading
+
+if TYPE_CHECKING:   # only the experiment's run needs ml_collections; importing the module does not
+    import ml_collections
 
 log = logging.getLogger(__name__)
 Array = jax.Array
@@ -257,6 +262,8 @@ class _Setup:
 
 
 def _data_config(config: ml_collections.ConfigDict, split: str) -> ml_collections.ConfigDict:
+    import ml_collections
+
     cfg = ml_collections.ConfigDict(config.data.to_dict())
     cfg.split = split
     return cfg
@@ -278,13 +285,16 @@ def _setup(config: ml_collections.ConfigDict) -> _Setup:
     return _Setup(loaded, train_module, pretrained_cfg, make_optimizer(tc), mesh, train_source, eval_source)
 
 
-def _fingerprint(config: ml_collections.ConfigDict) -> str:
-    """What determines the trained weights; a resumed run must match it."""
+def _train_key(config: ml_collections.ConfigDict, s: _Setup) -> dict[str, Any]:
+    """What determines the trained weights (config, the starting weights' content, the images); a resumed
+    run must match it."""
     skip_data = ("batch_size", "num_workers", "cache_dir")
-    return resumable.fingerprint({
+    return json.loads(to_json({
         "model": config.model, "weights": config.weights, "seed": config.seed,
+        "start": input_fingerprint.weights(s.loaded.weights),
         "train": {k: v for k, v in config.train.items() if k not in BOOKKEEPING},
-        "data": {k: v for k, v in config.data.items() if k not in skip_data}})
+        "data": {k: v for k, v in config.data.items() if k not in skip_data},
+        "images": {"train": input_fingerprint.data(s.train_source), "eval": input_fingerprint.data(s.eval_source)}}))
 
 
 def _describe_training(config: ml_collections.ConfigDict, s: _Setup, step: int,
@@ -306,20 +316,24 @@ def _initial_state(config: ml_collections.ConfigDict, s: _Setup, workdir: Workdi
     variables = s.loaded.variables
     host_state = TrainState(step=np.zeros((), np.int32), params=variables["params"],
                             batch_stats=variables.get("batch_stats", {}), opt_state=s.tx.init(variables["params"]))
-    fingerprint = _fingerprint(config)
+    key = _train_key(config, s)
+    fingerprint = resumable.fingerprint(key)
+    input_fingerprint.record(key)
     existing = saved_states(workdir)
     if existing and config.resume:
-        host_state, meta = restore_state(existing[-1], jax.device_get(host_state))
-        if meta["fingerprint"] != fingerprint:
-            raise ValueError(f"{existing[-1]} was written by a run with another config (fingerprint "
-                             f"{meta['fingerprint']} != {fingerprint}); use another --config.workdir, or "
-                             "--config.resume=False to start over")
+        try:
+            host_state, meta = restore_state(existing[-1], jax.device_get(host_state))
+        except Exception as e:  # noqa: BLE001  (msgpack / flax errors of a damaged file)
+            raise StateError(f"the saved train state {existing[-1]} cannot be read ({type(e).__name__}: {e}); "
+                             f"it is damaged. Delete it to resume from the one before or start over "
+                             f"(rm {existing[-1]}), or rerun with --config.resume=False.") from e
+        resumable.check_state_key(meta, key, existing[-1])
         log.info("resuming from %s at step %d", existing[-1], int(host_state.step))
         return host_state, meta
     if existing and is_writer:  # starting over: the old states must not be resumed later
         for path in existing:
             path.unlink()
-    return host_state, {"fingerprint": fingerprint, "history": [], "series": []}
+    return host_state, {"fingerprint": fingerprint, "key": key, "history": [], "series": []}
 
 
 def run(config: ml_collections.ConfigDict, workdir: Workdir, *, stop_after_steps: int | None = None) -> dict:
@@ -377,13 +391,14 @@ def run(config: ml_collections.ConfigDict, workdir: Workdir, *, stop_after_steps
     bar = tqdm(total=tc.steps, initial=start_step, desc=f"train {s.loaded.arch}", unit="step",
                disable=not (config.progress and is_writer), dynamic_ncols=True)
     t0, step = time.monotonic(), start_step
-    with bar:
+    with stop_signals.handle_signals(), bar:
         while step < tc.steps:
             state, metrics = train_step(state, next(batches))
             pending.append(metrics)
             step += 1
             bar.update(1)
-            stopping = stop_after_steps is not None and step - start_step >= stop_after_steps
+            signum = stop_signals.agreed_stop()   # SIGTERM / Ctrl-C on any process: all stop at this step
+            stopping = bool(signum) or (stop_after_steps is not None and step - start_step >= stop_after_steps)
             do_save = step == tc.steps or stopping or (tc.checkpoint_every and step % tc.checkpoint_every == 0)
             do_eval = do_save or (tc.eval_every and step % tc.eval_every == 0)
             if not (do_eval or step % LOG_EVERY == 0):
@@ -400,8 +415,10 @@ def run(config: ml_collections.ConfigDict, workdir: Workdir, *, stop_after_steps
             if do_save:
                 save(state, step, result)
             if stopping and step < tc.steps:
-                raise resumable.Interrupted(f"stopped at step {step} of {tc.steps}; run the same command again "
-                                            f"to resume from {workdir.root}")
+                raise resumable.Interrupted(f"stopped ({stop_signals.name(signum)}) at step {step} of {tc.steps}; the "
+                                            f"state is saved in {workdir.root}: run the same command again to "
+                                            "continue", signum=signum, done=step, total=tc.steps,
+                                            where=str(workdir.root))
     wall_s = time.monotonic() - t0
 
     final = meta["series"][-1]   # the state at tc.steps (also when a finished run is started again)
