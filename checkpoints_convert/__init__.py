@@ -1,11 +1,11 @@
-"""Converts timm weights into vitsparse_jax checkpoints; the only code that knows timm's parameter names.
+"""Converts local timm weights files and live timm modules into vitsparse_jax checkpoints.
 
     python -m checkpoints_convert --model resnet50.tv_in1k --from-file resnet50.pth --out checkpoints/
     python -m checkpoints_convert.make_cfg_table     # regenerate the shipped table of timm's pretrained cfgs
 
-The per-family key maps (`vit.py`, `swin.py`, `vgg.py`, `resnet.py`) need numpy only; experiments use them
-directly to convert hub weights on first use (`vitsparse_jax.weights.hub`). torch is needed only to read
-.pth/.bin files and live timm modules, timm only for its registry.
+The per-family key maps live in the package (`vitsparse_jax/weights/timm_keys/`, numpy only), so experiments
+convert hub weights without this step or torch; imports go one way, from here into `vitsparse_jax`. torch is
+needed only to read .pth/.bin files and live timm modules, timm only for its registry.
 """
 from checkpoints_convert.convert import (
                                          CFG_KEYS,

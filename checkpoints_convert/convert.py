@@ -1,10 +1,11 @@
 """timm weights -> this project's converted checkpoints (safetensors + JSON, see docs/design.md).
 
 Sources: the Hugging Face hub (`timm/<arch>.<tag>`), a local .safetensors/.pth/.bin (a training checkpoint,
-a hub snapshot), or a live timm module. The per-family key mapping lives in `checkpoints_convert/<family>.py`
-as `convert_state_dict(sd: dict[str, np.ndarray], module) -> dict[str, np.ndarray]` (flat Flax paths, numpy
-only). Reading .safetensors and converting needs neither torch nor timm (`vitsparse_jax.weights.timm_state`);
-torch is imported lazily, only where a .pth/.bin file or a live module is read, and timm only for its registry.
+a hub snapshot), or a live timm module. The per-family key mapping lives in
+`vitsparse_jax/weights/timm_keys/<family>.py` as `convert_state_dict(sd: dict[str, np.ndarray], module) ->
+dict[str, np.ndarray]` (flat Flax paths, numpy only). Reading .safetensors and converting needs neither torch
+nor timm (`vitsparse_jax.weights.timm_state`); torch is imported lazily, only where a .pth/.bin file or a live
+module is read, and timm only for its registry.
 
 Experiments do not need this step: `--config.model=<arch>.<tag>` fetches and converts hub weights itself
 (`vitsparse_jax.weights.hub`). This CLI is for local files and training checkpoints.

@@ -57,6 +57,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     ab.figure_models = ""           # models in Figure 4a ('' = all)
     ab.figure_b_model = ""          # model of Figure 4b ('' = the first)
     ab.stop_after_batches = 0       # stop as if interrupted after this many batches (tests of resuming)
+    ab.explore_images = 4           # report.html explorer: the first k images evaluated, what each variant dropped
+                                    # and its prediction (0 = no explorer)
 
     if arg == "paper":
         ab.models = ",".join(PAPER_MODELS)

@@ -26,6 +26,7 @@ def sparsity_section() -> ml_collections.ConfigDict:
     s.head = 0                   # Fig. 1: head of the last block drawn
     s.s1_block = -1              # Fig. S1: block whose heads are all drawn (negative: from the end)
     s.example_index = 0          # Fig. 1 / S1: index of the image in the dataset
+    s.explore_images = 4         # report.html's attention explorer: this many images from example_index on (0: none)
     s.top_fraction = 0.05        # Fig. 3b: top k = round(top_fraction * patches) columns of the last block
     s.top_by = "head_mean"       # Fig. 3b ranks mu (mean over heads) | 'head_index': mu_h of `top_head`
     s.top_head = 1               # ... the published code ranked head index 1 (SPEC sec. 4)

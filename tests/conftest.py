@@ -1,11 +1,17 @@
 """Test setup: 4 fake CPU devices (sharding tests), deterministic float32 numerics."""
 import os
+import tempfile
 
 # Must happen before jax is imported anywhere: sharded code is tested on 4 fake CPU devices.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("MPLBACKEND", "Agg")
+# One persistent XLA compilation cache for the whole run: xdist workers and the CLI subprocesses the tests
+# start compile the same small programs many times (about a third of a small run's CPU time is compiling).
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), "vitsparse_jax_tests_xla_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -14,3 +20,7 @@ import pytest  # noqa: E402
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+# Browser fixtures for report.html (headless system Chromium via playwright; see tests/browser.py).
+from tests.browser import browser_context, open_report  # noqa: E402, F401

@@ -15,10 +15,10 @@ import pytest
 torch = pytest.importorskip("torch")
 timm = pytest.importorskip("timm")
 
-from checkpoints_convert import resnet as resnet_convert  # noqa: E402
-from checkpoints_convert import vgg as vgg_convert  # noqa: E402
 from vitsparse_jax import models  # noqa: E402
 from vitsparse_jax.weights.checkpoint import CheckpointError  # noqa: E402
+from vitsparse_jax.weights.timm_keys import resnet as resnet_convert  # noqa: E402
+from vitsparse_jax.weights.timm_keys import vgg as vgg_convert  # noqa: E402
 
 LOGIT_TOL = 1e-5
 ACT_TOL = 1e-5

@@ -17,10 +17,10 @@ torch = pytest.importorskip("torch")
 timm = pytest.importorskip("timm")
 
 from checkpoints_convert import convert_timm_module  # noqa: E402
-from checkpoints_convert import convnext as convnext_convert  # noqa: E402
 from tests.test_vit_families_parity import perturb_family  # noqa: E402
 from vitsparse_jax import models  # noqa: E402
 from vitsparse_jax.weights.checkpoint import CheckpointError  # noqa: E402
+from vitsparse_jax.weights.timm_keys import convnext as convnext_convert  # noqa: E402
 
 TOL = 1e-5
 SMALL = dict(depths=(1, 2, 1, 1), dims=(16, 32, 48, 64), num_classes=10)

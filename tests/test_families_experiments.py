@@ -84,12 +84,18 @@ def tiny_loader(name, weights="auto", checkpoint_dir="", seed=0, **overrides):
 
 def drawn_not_rendered(self, fig, stem, dpi=300):
     """Workdir.save_figure without the rendering (most of a tiny run's time; the experiments' own tests
-    render): the figure was built, its files are recorded empty."""
+    render): the figure was built; its PNG is a 1x1 image (report.html inlines it), its PDF empty."""
+    import io
+
     import matplotlib.pyplot as plt
+    from PIL import Image
 
     assert fig.axes, stem
     plt.close(fig)
-    return [atomic_write_bytes(self.path(f"{stem}.{ext}"), b"") for ext in ("png", "pdf")]
+    png = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(png, format="PNG")
+    return [atomic_write_bytes(self.path(f"{stem}.png"), png.getvalue()),
+            atomic_write_bytes(self.path(f"{stem}.pdf"), b"")]
 
 
 @pytest.fixture

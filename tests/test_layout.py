@@ -1,5 +1,6 @@
 """The package's import graph: no module imports one that (directly or not) imports it back, and the
-folders keep their roles (models know nothing of experiments; checkpoints_convert's key maps stay numpy)."""
+folders keep their roles (models know nothing of experiments; timm key maps stay numpy; imports go from
+checkpoints_convert to vitsparse_jax only)."""
 from __future__ import annotations
 
 import ast
@@ -57,3 +58,28 @@ def test_folders_keep_their_roles():
             assert all(d.startswith("vitsparse_jax.models") for d in deps), (mod, deps)
         if mod.startswith(("vitsparse_jax.weights", "vitsparse_jax.data", "vitsparse_jax.runtime")):
             assert not any(d.startswith("vitsparse_jax.experiments") for d in deps), (mod, deps)
+
+
+def test_imports_between_packages_go_one_way():
+    """checkpoints_convert (torch-facing CLI) -> vitsparse_jax, never back: no static import, and no import
+    by name (importlib / __import__ with a 'checkpoints_convert' string) anywhere in vitsparse_jax."""
+    graph = import_graph()
+    back = {mod: deps for mod, deps in graph.items()
+            if mod.startswith("vitsparse_jax") and any(d.startswith("checkpoints_convert") for d in deps)}
+    assert not back, back
+    for path in (ROOT / "vitsparse_jax").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and any(isinstance(a, (ast.Constant, ast.JoinedStr)) and
+                                                  "checkpoints_convert" in ast.unparse(a) for a in node.args):
+                name = ast.unparse(node.func)
+                assert "import" not in name, f"{path}: {ast.unparse(node)}"
+
+
+def test_timm_key_maps_live_in_the_package():
+    from vitsparse_jax import models
+    from vitsparse_jax.weights.timm_keys import KEY_MAPS
+
+    families = {models.model_info(models.create_model(name)).family
+                for name in ("vit_pico_patch4_32", "vgg_pico", "resnet18", "swin_tiny_patch4_window7_224",
+                             "convnext_tiny")}
+    assert families <= set(KEY_MAPS), families - set(KEY_MAPS)

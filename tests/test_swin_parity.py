@@ -17,11 +17,11 @@ torch = pytest.importorskip("torch")
 timm = pytest.importorskip("timm")
 from timm.models.swin_transformer import window_partition  # noqa: E402
 
-from checkpoints_convert.swin import convert_state_dict  # noqa: E402
 from vitsparse_jax import models  # noqa: E402
 from vitsparse_jax.models import swin  # noqa: E402
 from vitsparse_jax.weights import checkpoint
 from vitsparse_jax.weights.checkpoint import CheckpointError  # noqa: E402
+from vitsparse_jax.weights.timm_keys.swin import convert_state_dict  # noqa: E402
 
 TINY = "swin_tiny_patch4_window7_224"
 LOGITS_TOL = 1e-5

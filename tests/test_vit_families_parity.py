@@ -19,12 +19,12 @@ torch = pytest.importorskip("torch")
 timm = pytest.importorskip("timm")
 
 from checkpoints_convert import convert_timm_module  # noqa: E402
-from checkpoints_convert import vit as vit_convert  # noqa: E402
 from tests.test_vit_parity import PROB_TOL, REL_TOL, nhwc, rel_err, timm_forward  # noqa: E402
 from tests.timm_perturb import perturb  # noqa: E402
 from vitsparse_jax import models  # noqa: E402
 from vitsparse_jax.models import pos_embed, vit  # noqa: E402
 from vitsparse_jax.weights.checkpoint import CheckpointError, unflatten  # noqa: E402
+from vitsparse_jax.weights.timm_keys import vit as vit_convert  # noqa: E402
 
 BATCH = 2
 

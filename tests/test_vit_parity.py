@@ -332,7 +332,7 @@ def test_untrained_init_follows_timm_scheme():
     variables = models.init_untrained(module, seed=0)
     again = models.init_untrained(module, seed=0)
     other = models.init_untrained(module, seed=1)
-    from checkpoints_convert.vit import timm_key
+    from vitsparse_jax.weights.timm_keys.vit import timm_key
     from vitsparse_jax.weights.checkpoint import flatten
     flat, flat_again, flat_other = flatten(variables), flatten(again), flatten(other)
     sd = {k: v.detach().numpy() for k, v in tm.state_dict().items()}

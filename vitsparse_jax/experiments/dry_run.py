@@ -13,7 +13,6 @@ from typing import Any, Callable
 from vitsparse_jax import data, models
 from vitsparse_jax.weights import loading
 
-
 # Sizes of datasets the paper presets use, to count a run's passes before the data is prepared.
 KNOWN_SIZES = {("tfds", "imagenet2012", "validation"): 50_000, ("tfds", "imagenet_v2", "test"): 10_000}
 
@@ -22,15 +21,19 @@ def _n(x: int) -> str:
     return f"{x:,}"
 
 
-def _module(name: str) -> Any:
-    """The module `load_model` would build for `name` (its tag's classifier and image size), best effort."""
-    arch, tag = models.split_name(name)
+def _module(name: str, config: Any, weights: str | None = None) -> Any:
+    """The module `load_model` would build for `name` (its classifier and image size: the tag's, or those of
+    config.img_size / num_classes / head_weights), best effort."""
+    options = loading.config_options(config)
+    weights = config.weights if weights is None else weights
     try:
-        from vitsparse_jax.weights import pretrained
-        overrides = pretrained.module_overrides(arch, pretrained.resolve_cfg(arch, tag))
-    except Exception:   # an unknown tag: weights_source says so; the arch's default layout is shown
-        overrides = {}
-    return models.create_model(arch, **overrides)
+        loading.resolve_weights(name, weights, config.checkpoint_dir)
+    except FileNotFoundError:
+        pass                # counted as the tag's; weights_source says what is missing
+    except ValueError:      # an unknown tag: weights_source says so; the arch's default layout is shown
+        arch, _ = models.split_name(name)
+        return models.create_model(arch, **({"img_size": options["img_size"]} if "img_size" in options else {}))
+    return loading.planned_module(name, weights, config.checkpoint_dir, missing_ok=True, **options)
 
 
 def weights_source(name: str, weights: str, checkpoint_dir: str, seed: int) -> str:
@@ -100,7 +103,9 @@ def _ablate(config: Any) -> list[str]:
     lines.append(f"models ({len(names)}):")
     total_full = total_partial = 0
     for name in names:
-        plan = grid.plan(_module(name))
+        module = _module(name, config)
+        ablation.check_classifier(name, module, loading.config_options(config))
+        plan = grid.plan(module)
         variants = plan.variants_per_group * len(plan.groups)
         lines.append(f"  {name}: weights: {weights_source(name, config.weights, config.checkpoint_dir, config.seed)}")
         lines.append(f"    per image: 1 clean forward pass + {variants} ablated passes through the last n "
@@ -115,7 +120,7 @@ def _ablate(config: Any) -> list[str]:
 
 def _sparsity(config: Any) -> list[str]:
     name = config.model
-    info = models.model_info(_module(name))
+    info = models.model_info(_module(name, config))
     kind = config.sparsity.kind
     if kind == "auto":
         kind = "attention" if info.family in ("vit", "swin") else "cnn"
@@ -138,7 +143,7 @@ def _receptive_field(config: Any) -> list[str]:
     lines.append(f"models ({len(pairs)} = models x variants {config.receptive_field.variants!r}):")
     forward = backward = 0
     for name, weights in pairs:
-        info = models.model_info(_module(name))
+        info = models.model_info(_module(name, config, weights))
         layers = len(rf.select_layers(info, patterns))
         lines.append(f"  {name} ({'untrained' if weights == loading.UNTRAINED else 'trained'}): weights: "
                      f"{weights_source(name, weights, config.checkpoint_dir, config.seed)}")

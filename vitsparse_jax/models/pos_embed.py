@@ -6,7 +6,7 @@ image size than its weights) keeps the prefix-token entries as they are and resi
 torch uses its separable "anti-aliased" kernel (the one of PIL): Keys' cubic with a = -0.5, stretched by the
 scale when downsampling, each output sample's weights cut to the input and renormalised to sum 1. This module is
 that computation in NumPy (float64, then the input's dtype); no torch, no jax. Used once, at conversion / load
-time (`checkpoints_convert/vit.py`), never inside a model.
+time (`weights/timm_keys/vit.py`), never inside a model.
 """
 from __future__ import annotations
 

@@ -5,7 +5,6 @@ The comment after each field is its help text: `--show_config` prints it next to
 """
 from __future__ import annotations
 
-
 import ml_collections
 
 from vitsparse_jax.runtime.paths import expand_path
@@ -43,6 +42,13 @@ def base_config(experiment: str) -> ml_collections.ConfigDict:
                                # timm's weights from the Hugging Face hub (timm/<arch>.<tag>, converted once);
                                # or only one source: 'builtin' | 'checkpoint_dir' | 'hub' | 'untrained' | a path
     c.checkpoint_dir = "checkpoints"  # folder of converted weights <arch>.<tag>.safetensors (python -m checkpoints_convert)
+    c.img_size = 0             # input size in pixels; 0 = the checkpoint's (its pretrained_cfg). Else the model is
+                               # built at that size (a ViT's position embedding resampled once, as timm does; a
+                               # whole number of patches) and the eval crop is that size
+    c.num_classes = -1         # classifier size; -1 = the checkpoint's; 0 = none (output = pooled features); another
+                               # size needs head_weights, or weights='untrained' (random classifier: smoke tests)
+    c.head_weights = ""        # a linear classifier for a headless tower (DINOv2, SigLIP, CLIP, MAE), e.g. a linear
+                               # probe: .npz or .safetensors with 'weight' (num_classes, dim) and 'bias' (num_classes,)
     c.seed = 0                 # seeds random draws and the untrained (timm) initialisation
     c.workdir = f"runs/{experiment}"  # output folder: results, figures, report.md, resume state
     c.resume = True            # continue an interrupted run found in workdir
@@ -58,8 +64,8 @@ def base_config(experiment: str) -> ml_collections.ConfigDict:
 
 # Fields that name files or folders (dotted paths; those a config lacks are skipped): `~` and environment
 # variables are expanded in them (`expand_config_paths`). receptive_field.checkpoints is comma-separated.
-PATH_FIELDS = ("weights", "checkpoint_dir", "workdir", "data.data_dir", "data.manual_dir", "data.folder",
-               "data.cache_dir", "receptive_field.checkpoints", "train.export_dir")
+PATH_FIELDS = ("weights", "checkpoint_dir", "head_weights", "workdir", "data.data_dir", "data.manual_dir",
+               "data.folder", "data.cache_dir", "receptive_field.checkpoints", "train.export_dir")
 LIST_PATH_FIELDS = ("receptive_field.checkpoints",)
 
 

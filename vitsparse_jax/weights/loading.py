@@ -11,6 +11,11 @@
   mean/std: the same preprocessing as the trained twin);
 - a path: a converted checkpoint (.safetensors with its .json), or a timm file (.safetensors, .pth, .bin,
   or a hub snapshot folder), converted in memory.
+
+Options of every source (`config_options(config)` reads them from a run's config): `img_size` (the model
+is built at that size; a ViT's position embedding is resampled as timm does, and the eval crop follows),
+`num_classes` (the checkpoint's by default; 0 drops a classifier; another size needs `head_weights`, or
+untrained weights) and `head_weights` (a linear classifier file for a headless tower, `weights.heads`).
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from vitsparse_jax import models
-from vitsparse_jax.weights import checkpoint, hub, pretrained, timm_state
+from vitsparse_jax.weights import checkpoint, heads, hub, pretrained, timm_state
 
 ASSETS = Path(__file__).parents[1] / "assets" / "checkpoints"
 AUTO = "auto"
@@ -43,6 +48,7 @@ class LoadedModel:
     tag: str | None
     weights: str                  # where the weights came from: a path, or 'untrained (seed N)'
     source: str = ""              # 'builtin' | 'checkpoint_dir' | 'file' | 'hf-hub:<repo>@<revision>' | 'untrained'
+    head: dict | None = None      # head_weights: {'weights': path, 'sha256': ...} of the classifier file, if any
 
     @property
     def name(self) -> str:
@@ -53,8 +59,11 @@ class LoadedModel:
         return not self.weights.startswith(UNTRAINED)
 
     def describe(self) -> dict:
-        return {"model": self.arch, "tag": self.tag, "weights": self.weights, "source": self.source,
-                "pretrained_cfg": self.pretrained_cfg, "family": self.info.family}
+        out = {"model": self.arch, "tag": self.tag, "weights": self.weights, "source": self.source,
+               "pretrained_cfg": self.pretrained_cfg, "family": self.info.family}
+        if self.head:
+            out["head_weights"] = dict(self.head)
+        return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,21 +243,145 @@ def _load_converted(path: Path, arch: str, tag: str | None, source: str, overrid
     return LoadedModel(module, variables, info, cfg, arch, tag, str(path.with_suffix(".safetensors")), source)
 
 
+def _requested_classes(num_classes: Any, head: heads.Head | None) -> int | None:
+    """The classifier size asked for (None: the checkpoint's); a head file decides it when given."""
+    requested = None if num_classes is None or int(num_classes) < 0 else int(num_classes)
+    if head is not None and requested not in (None, head.num_classes):
+        raise ValueError(f"num_classes={requested} but head_weights {head.path} is a classifier of "
+                         f"{head.num_classes} classes; leave num_classes at -1 (the head's) or make them agree")
+    return requested
+
+
+def _final_classes(name: str, have: int, requested: int | None, head: heads.Head | None, kind: str) -> int:
+    """The classifier the loaded model ends with: `have` (the weights'), replaced by a head file, dropped with
+    num_classes=0, or (untrained weights, timm files: built so already) the requested size."""
+    if head is not None:
+        return head.num_classes
+    if requested is None or requested == have:
+        return have
+    if requested == 0 and kind not in (UNTRAINED, "file"):
+        return 0
+    raise ValueError(
+        f"num_classes={requested}, but the weights of {name} have " + (f"a classifier of {have} classes"
+        if have else "no classifier (a headless tower: their output is the pooled features)") + ". A classifier of "
+        f"another size cannot come from these weights: give one with --config.head_weights=PATH (a linear "
+        f"classifier: .npz or .safetensors with {heads.LAYOUT}), use num_classes=0 to drop the classifier, or "
+        f"--config.weights=untrained --config.num_classes={requested} (random weights) for a smoke test")
+
+
+def _fit_classifier(loaded: LoadedModel, requested: int | None, head: heads.Head | None, kind: str) -> LoadedModel:
+    final = _final_classes(loaded.name, loaded.info.num_classes, requested, head, kind)
+    if head is not None:
+        module, variables = heads.attach(loaded.module, loaded.variables, head)
+    elif final != loaded.info.num_classes:
+        module, variables = heads.drop(loaded.module, loaded.variables)
+    else:
+        return loaded
+    info = models.model_info(module)
+    cfg = {**loaded.pretrained_cfg, "num_classes": info.num_classes}
+    return dataclasses.replace(loaded, module=module, variables=variables, info=info, pretrained_cfg=cfg,
+                               head=head.describe() if head is not None else None)
+
+
+def _eval_size(cfg: dict, info: models.ModelInfo) -> dict:
+    """The cfg whose eval crop is the module's input size (a model run at another size: crop it)."""
+    if cfg.get("input_size") and int(cfg["input_size"][-1]) != info.img_size:
+        cfg["input_size"] = [*cfg["input_size"][:-2], info.img_size, info.img_size]
+    return cfg
+
+
 def load_model(name: str, weights: str = AUTO, checkpoint_dir: str = "", seed: int = 0,
-               **overrides: Any) -> LoadedModel:
-    """Builds `name` ('arch' or 'arch.tag') with its weights (see the module docstring for `weights`)."""
+               head_weights: str | None = None, **overrides: Any) -> LoadedModel:
+    """Builds `name` ('arch' or 'arch.tag') with its weights (see the module docstring for `weights`).
+
+    `overrides` go to `models.create_model` (e.g. `img_size`); `num_classes` is the classifier the weights
+    have (default: the checkpoint's; 0 drops it); `head_weights` puts a linear classifier file on the model
+    (`weights.heads`). Bad sizes and files are ValueErrors naming what fits."""
     src = resolve_weights(name, weights, checkpoint_dir)
     arch, tag = src.arch, src.tag
+    head = heads.read_head(head_weights) if head_weights else None   # a bad file fails before the weights load
+    requested = _requested_classes(overrides.pop("num_classes", None), head)
     if src.kind == UNTRAINED:
-        return _untrained(arch, tag, seed, overrides)
-    if src.kind == HUB:
+        if requested is not None:
+            overrides["num_classes"] = requested
+        loaded = _untrained(arch, tag, seed, overrides)
+    elif src.kind == HUB:
         path = hub.fetch(arch, src.tag)
-        return _load_converted(path, arch, tag, checkpoint.read_meta(path).get("source", HUB), overrides)
-    if src.kind != "file" or _is_converted(src.path):
-        return _load_converted(src.path, arch, tag, src.kind, overrides)
-    num_classes = overrides.pop("num_classes", None)
-    module, flat, cfg = timm_state.convert_file(arch, tag, src.path, num_classes=num_classes, **overrides)
-    info = models.model_info(module)
-    expected = checkpoint.flatten(models.variable_shapes(module))
-    variables = checkpoint.unflatten({k: jnp.asarray(flat[k], dtype=expected[k].dtype) for k in expected})
-    return LoadedModel(module, variables, info, cfg, arch, cfg.get("tag"), str(src.path), "file")
+        loaded = _load_converted(path, arch, tag, checkpoint.read_meta(path).get("source", HUB), overrides)
+    elif src.kind != "file" or _is_converted(src.path):
+        loaded = _load_converted(src.path, arch, tag, src.kind, overrides)
+    else:   # a timm file: num_classes says how large its classifier is (when its cfg does not)
+        module, flat, cfg = timm_state.convert_file(arch, tag, src.path, num_classes=requested, **overrides)
+        info = models.model_info(module)
+        expected = checkpoint.flatten(models.variable_shapes(module))
+        variables = checkpoint.unflatten({k: jnp.asarray(flat[k], dtype=expected[k].dtype) for k in expected})
+        cfg = _eval_size({**cfg, "num_classes": info.num_classes}, info)
+        loaded = LoadedModel(module, variables, info, cfg, arch, cfg.get("tag"), str(src.path), "file")
+    return _fit_classifier(loaded, requested, head, src.kind)
+
+
+def _checkpoint_classes(src: WeightsSource) -> int | None:
+    """The classifier size of the weights `src` names, read without loading them (None: unknown)."""
+    if src.kind in (UNTRAINED, HUB):
+        return pretrained.resolve_cfg(src.arch, src.tag).get("num_classes")
+    if _is_converted(src.path):
+        return checkpoint.read_meta(src.path).get("pretrained_cfg", {}).get("num_classes")
+    path = timm_state.weights_in(src.path) if src.path.is_dir() else src.path
+    return pretrained.resolve_cfg(src.arch, src.tag, timm_state.sidecar_config(path)).get("num_classes")
+
+
+def planned_module(name: str, weights: str = AUTO, checkpoint_dir: str = "", head_weights: str | None = None,
+                   missing_ok: bool = False, **overrides: Any) -> nn.Module:
+    """The module `load_model(name, weights, checkpoint_dir, head_weights=..., **overrides)` will build (its
+    classifier and image size), decided without loading or downloading weights: experiments check their
+    plan against it before any work. The same errors as `load_model` for a size that does not divide, a
+    classifier the weights cannot give or a head file that does not fit. `missing_ok`: weights that cannot
+    be found (reported elsewhere) count as the tag's."""
+    arch, tag = models.split_name(name)
+    try:
+        src = resolve_weights(name, weights, checkpoint_dir)
+    except FileNotFoundError:
+        if not missing_ok:
+            raise
+        src = WeightsSource(UNTRAINED, arch, tag)
+    head = heads.read_head(head_weights) if head_weights else None
+    requested = _requested_classes(overrides.pop("num_classes", None), head)
+    have = _checkpoint_classes(src)
+    kwargs = dict(overrides)
+    if src.kind in (UNTRAINED, "file") and not (src.path and _is_converted(src.path)):
+        cfg = pretrained.resolve_cfg(arch, tag) if src.kind == UNTRAINED else {}
+        if src.kind == "file":
+            path = timm_state.weights_in(src.path) if src.path.is_dir() else src.path
+            cfg = pretrained.resolve_cfg(arch, tag, timm_state.sidecar_config(path))
+        if requested is not None:
+            cfg["num_classes"] = have = requested
+        for key, value in pretrained.module_overrides(arch, cfg).items():
+            kwargs.setdefault(key, value)
+    elif have is not None:
+        kwargs["num_classes"] = int(have)
+    module = models.create_model(arch, **kwargs)
+    have = models.model_info(module).num_classes
+    final = _final_classes(f"{arch}.{src.tag}" if src.tag else arch, have, requested, head, src.kind)
+    if head is not None:
+        heads.check(module, head)
+    return module.clone(num_classes=final) if final != have else module
+
+
+def config_options(config: Any) -> dict[str, Any]:
+    """`load_model` / `planned_module` keyword arguments from a run config's shared fields `img_size` (0: the
+    checkpoint's), `num_classes` (-1: the checkpoint's) and `head_weights` ('': none); defaults are left out."""
+    get = config.get if hasattr(config, "get") else lambda key, default=None: getattr(config, key, default)
+    out: dict[str, Any] = {}
+    img_size, num_classes = int(get("img_size", 0) or 0), int(get("num_classes", -1))
+    if img_size < 0:
+        raise ValueError(f"img_size must be 0 (the checkpoint's input size) or a size in pixels, got {img_size}")
+    if num_classes < -1:
+        raise ValueError(f"num_classes must be -1 (the checkpoint's), 0 (no classifier) or a number of classes, "
+                         f"got {num_classes}")
+    if img_size:
+        out["img_size"] = img_size
+    if num_classes >= 0:
+        out["num_classes"] = num_classes
+    if str(get("head_weights", "") or ""):
+        out["head_weights"] = str(get("head_weights"))
+    return out

@@ -1,12 +1,11 @@
 """timm state dicts -> Flax variables with numpy alone (torch only to read .pth/.bin files).
 
-A state dict is `{timm key: np.ndarray}`. The per-family key maps live in `checkpoints_convert/<family>.py`
+A state dict is `{timm key: np.ndarray}`. The per-family key maps live in `weights/timm_keys/<family>.py`
 (`convert_state_dict(sd, module) -> {flax path: array}`, numpy only); this module reads the files, cleans
 the dict (BatchNorm counters, DDP / torch.compile prefixes, float32) and picks the map of the module's family.
 """
 from __future__ import annotations
 
-import importlib
 import json
 from pathlib import Path
 from typing import Any, Mapping
@@ -17,6 +16,7 @@ import numpy as np
 from vitsparse_jax import models
 from vitsparse_jax.weights import pretrained, safetensors_io
 from vitsparse_jax.weights.checkpoint import CheckpointError
+from vitsparse_jax.weights.timm_keys import KEY_MAPS
 
 # Key prefixes of wrapped models (DistributedDataParallel, torch.compile), removed.
 PREFIXES = ("_orig_mod.", "module.")
@@ -78,14 +78,11 @@ def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
 
 
 def convert_state_dict(sd: Mapping[str, np.ndarray], module: nn.Module) -> dict[str, np.ndarray]:
-    """Dispatches to `checkpoints_convert.<family>.convert_state_dict`; returns flat Flax paths."""
+    """Dispatches to `timm_keys.<family>.convert_state_dict`; returns flat Flax paths."""
     family = models.model_info(module).family
-    try:
-        mapper = importlib.import_module(f"checkpoints_convert.{family}")
-    except ModuleNotFoundError as e:
-        if e.name != f"checkpoints_convert.{family}":
-            raise
-        raise CheckpointError(f"no timm key map for the {family!r} family (checkpoints_convert/{family}.py)") from None
+    mapper = KEY_MAPS.get(family)
+    if mapper is None:
+        raise CheckpointError(f"no timm key map for the {family!r} family (vitsparse_jax/weights/timm_keys/)")
     return mapper.convert_state_dict(dict(sd), module)
 
 

@@ -201,9 +201,11 @@ def _items(value: Any) -> list[str]:
     return [str(v).strip() for v in value or ()]
 
 
-def write_outputs(workdir: Any, out: dict[str, Any], config: Any) -> None:
-    """results.json / .csv, tables.md, Figures 4a and 4b (PNG + PDF) and report.md of a run."""
+def write_outputs(workdir: Any, out: dict[str, Any], config: Any, explorers: Sequence[Any] = ()) -> None:
+    """results.json / .csv, tables.md, Figures 4a and 4b (PNG + PDF), report.md and report.html (the report,
+    tables, figures and `explorers`, report_html.Explorer) of a run."""
     from vitsparse_jax.experiments.ablation import figures
+    from vitsparse_jax.report_html import write_report_html
 
     results, ab = out["models"], config.ablation
     add_sanity(out)
@@ -216,7 +218,12 @@ def write_outputs(workdir: Any, out: dict[str, Any], config: Any) -> None:
     workdir.save_figure(figures.accuracy_vs_p(shown, n=n_a), "figure4a")
     focus = next((r for r in results if ab.figure_b_model in (r["model"], r["name"])), results[0])
     workdir.save_figure(figures.accuracy_vs_p_by_n(focus), "figure4b")
-    workdir.write_text("report.md", report_text(out, n_a, focus["name"]))
+    text = report_text(out, n_a, focus["name"])
+    workdir.write_text("report.md", text)
+    write_report_html(workdir, "Ablation report", text + "\n" + tables_markdown(results, float(ab.confidence)),
+                      [("figure4a", f"accuracy vs p at n = {n_a}"),
+                       ("figure4b", f"{focus['name']}: accuracy vs p for each n, whole-layer reference dotted")],
+                      explorers)
 
 
 def report_text(out: dict[str, Any], n_a: int, focus: str) -> str:
@@ -236,7 +243,8 @@ def report_text(out: dict[str, Any], n_a: int, focus: str) -> str:
     flagged = sum(c["unstable"] for r in out["models"] for c in r["cells"])
     total = sum(len(r["cells"]) for r in out["models"])
     lines += ["", f"{flagged} of {total} cells flagged 'n.s.' (A0 - A_r within noise).", "",
-              "Files: `tables.md` (Tables 1-2), `results.json`, `results.csv`, "
+              "Files: `report.html` (this report with the tables, figures and an explorer of the dropped units), "
+              "`tables.md` (Tables 1-2), `results.json`, `results.csv`, "
               f"`figure4a.png/pdf` (accuracy vs p at n = {n_a}), `figure4b.png/pdf` ({focus}, n = 1..3, "
               "whole-layer reference dotted).", "", "Decisions (SPEC section 3):", ""]
     lines += [f"- {decision}" for decision in out["decisions"]]

@@ -21,12 +21,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from vitsparse_jax import data, models
+from vitsparse_jax.experiments.ablation import explorer as ablation_explorer
 from vitsparse_jax.experiments.ablation import report as ablation_report
 from vitsparse_jax.experiments.ablation import units as ablation_units
 from vitsparse_jax.experiments.ablation.units import Plan
 from vitsparse_jax.runtime import fingerprint, parallel, resumable
 from vitsparse_jax.runtime.workdir import Workdir, versions
-from vitsparse_jax.weights import loading
+from vitsparse_jax.weights import loading, pretrained
 from vitsparse_jax.weights.loading import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,10 @@ DECISIONS = (
     "interval of A0 - A_r reaches 0",
     "whole-layer reference: every candidate unit of the last n layers dropped",
 )
+
+
+# A real tag with a classifier on a tower that timm also ships headless (CLIP), named in the headless error.
+HEADED_EXAMPLE = "vit_base_patch16_clip_224.openai_ft_in1k"
 
 
 # --- config ------------------------------------------------------------------------------------------------
@@ -115,14 +120,17 @@ class Evaluator:
     """The per-batch step: clean pass, ranking, masks and every variant, in one jitted program.
 
     `evaluator(batch)` returns device arrays (B = batch rows, Nn = len(n), P = len(p), D = draws):
-    clean (B,), top (B, Nn, P), rand (B, Nn, P, D), whole (B, Nn) booleans (prediction == label).
+    clean (B,), top (B, Nn, P), rand (B, Nn, P, D), whole (B, Nn) booleans (prediction == label); with
+    `predictions=True` also what report.html's explorer shows: the predicted classes clean_pred (B,) and
+    pred (B, Nn, V) int32 and the dropped units drops {site: (B, V, U) bool} (V = the variants of a group,
+    in units.py's order), the very values the step computes anyway (the pass leaves them on the device).
     Time it with `jax.block_until_ready(evaluator(batch))`; `evaluator.variants` counts the re-runs of
     the ablated stages per image.
     """
 
     def __init__(self, module: Any, variables: Any, plan: Plan, pretrained_cfg: dict, *, seed: int = 0,
-                 variant_batch: int = 0, mesh: jax.sharding.Mesh | None = None):
-        self.module, self.plan, self.cfg = module, plan, pretrained_cfg
+                 variant_batch: int = 0, mesh: jax.sharding.Mesh | None = None, predictions: bool = False):
+        self.module, self.plan, self.cfg, self.predictions = module, plan, pretrained_cfg, bool(predictions)
         self.variant_batch = int(variant_batch)
         self.variables = variables if mesh is None else parallel.replicate(variables, mesh)
         self.key = jax.random.key(seed)
@@ -135,6 +143,11 @@ class Evaluator:
     def forward(self, variables: Any, x: jax.Array, index: jax.Array,
                 key: jax.Array) -> tuple[jax.Array, list[jax.Array]]:
         """Normalised images -> clean logits (B, C) and, per group (sorted by n), variant logits (V, B, C)."""
+        return self._forward(variables, x, index, key)[:2]
+
+    def _forward(self, variables: Any, x: jax.Array, index: jax.Array,
+                 key: jax.Array) -> tuple[jax.Array, list[jax.Array], dict[str, jax.Array]]:
+        """`forward`, and the keep factors (V, B, U) of every ablated site."""
         plan = self.plan
         logits, aux = self.module.apply(variables, x, capture=plan.captures)
         keeps = ablation_units.all_keeps(plan, aux, key, index)
@@ -151,12 +164,12 @@ class Evaluator:
                 variant_logits.append(jax.lax.map(run_from, masks, batch_size=self.variant_batch))
             else:
                 variant_logits.append(jax.vmap(run_from)(masks))
-        return logits, variant_logits
+        return logits, variant_logits, keeps
 
     def step(self, variables: Any, images: jax.Array, labels: jax.Array, index: jax.Array,
              key: jax.Array) -> dict[str, jax.Array]:
         plan = self.plan
-        clean, variant_logits = self.forward(variables, data.normalize(images, self.cfg), index, key)
+        clean, variant_logits, keeps = self._forward(variables, data.normalize(images, self.cfg), index, key)
         correct = jnp.stack([jnp.argmax(v, -1) == labels for v in variant_logits])   # (Nn, V, B)
         nn_, b = correct.shape[0], correct.shape[-1]
         grid = correct[:, :len(plan.ps) * (1 + plan.draws)].reshape(nn_, len(plan.ps), 1 + plan.draws, b)
@@ -165,6 +178,10 @@ class Evaluator:
                "rand": grid[:, :, 1:].transpose(3, 0, 1, 2)}        # (B, Nn, P, D)
         if plan.whole_layer:
             out["whole"] = correct[:, -1].T                          # (B, Nn)
+        if self.predictions:
+            out["clean_pred"] = jnp.argmax(clean, -1).astype(jnp.int32)
+            out["pred"] = jnp.stack([jnp.argmax(v, -1) for v in variant_logits]).astype(jnp.int32).transpose(2, 0, 1)
+            out["drops"] = {site: (k < 0.5).transpose(1, 0, 2) for site, k in keeps.items()}
         return out
 
 
@@ -184,14 +201,17 @@ def _init_rows(total: int, plan: Plan) -> dict[str, np.ndarray]:
 
 
 def evaluate(config: Any, loaded: LoadedModel, plan: Plan, source: Any, mesh: jax.sharding.Mesh,
-             workdir: Workdir) -> dict[str, np.ndarray]:
+             workdir: Workdir, evaluator: Evaluator | None = None) -> dict[str, np.ndarray]:
     """Per-image correctness rows of one model over every image of `source` (resumable)."""
     batch_size = int(config.data.batch_size)
-    evaluator = Evaluator(loaded.module, loaded.variables, plan, loaded.pretrained_cfg, seed=int(config.seed),
-                          variant_batch=int(config.ablation.variant_batch), mesh=mesh)
+    evaluator = evaluator or Evaluator(loaded.module, loaded.variables, plan, loaded.pretrained_cfg,
+                                       seed=int(config.seed), variant_batch=int(config.ablation.variant_batch),
+                                       mesh=mesh)
 
     def process(batch: dict[str, Any], rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out = parallel.to_host({**evaluator(batch), "index": batch["index"], "valid": batch["valid"]})
+        out = evaluator(batch)
+        out = parallel.to_host({**{k: out[k] for k in rows if k != "done"}, "index": batch["index"],
+                                "valid": batch["valid"]})
         idx = out["index"][out["valid"]]
         for name in rows:
             rows[name][idx] = True if name == "done" else out[name][out["valid"]]
@@ -224,8 +244,60 @@ def _check_weights(config: Any, names: Sequence[str]) -> None:
     loading.check_weights(names, config.weights, config.checkpoint_dir)
 
 
+def headless_error(name: str) -> ValueError:
+    """The ablation of a model without a classifier: what is wrong and the ways out, with real tags."""
+    arch, _ = models.split_name(name)
+    with_head = [t for t, cfg in pretrained.table().get("models", {}).get(arch, {}).get("tags", {}).items()
+                 if cfg.get("num_classes") and not _clip_embedding(arch, t)]
+    tag = (f"one of {arch}'s tags with a classifier, e.g. --config.model={arch}.{with_head[0]}" if with_head else
+           f"a fine-tuned tag with a head, e.g. --config.model={HEADED_EXAMPLE} ({arch} has none in timm)")
+    return ValueError(
+        f"{name} has no classifier (num_classes=0: a headless tower, its output is the pooled features); the "
+        f"ablation measures top-1 accuracy, so it needs one. Use {tag}; or --config.head_weights=PATH, a linear "
+        f"classifier on its pooled features (.npz or .safetensors with 'weight' (num_classes, dim) and 'bias' "
+        f"(num_classes,)); or --config.weights=untrained --config.num_classes=N for a smoke test. Sparsity and "
+        f"receptive fields need no classifier")
+
+
+def _clip_embedding(arch: str, tag: str) -> bool:
+    """CLIP's image-text tags (`openai`, `laion2b`, ...; not the `*_ft_*` ones): timm's 'classifier' is the
+    projection into the joint image-text embedding (num_classes = its width, e.g. 512), not class logits."""
+    return "clip" in arch and "_ft_" not in f"_{tag}_"
+
+
+def check_classifier(name: str, module: Any, options: dict[str, Any]) -> None:
+    """The ablation needs class logits: a model without a classifier (or with only CLIP's embedding
+    projection, unless num_classes / head_weights replace it) is a ValueError naming the ways out."""
+    info = models.model_info(module)
+    if info.num_classes <= 0:
+        raise headless_error(name)
+    arch, tag = models.split_name(name)
+    if ("num_classes" not in options and "head_weights" not in options
+            and _clip_embedding(arch, tag or pretrained.default_tag(arch) or "")):
+        raise ValueError(str(headless_error(name)).replace(
+            "has no classifier (num_classes=0: a headless tower, its output is the pooled features)",
+            f"has no classifier: its {info.num_classes} outputs (timm's num_classes={info.num_classes}) are the "
+            f"projection into CLIP's image-text embedding, not classes", 1))
+
+
+def planned_modules(config: Any, names: Sequence[str]) -> list[Any]:
+    """The module each model will be loaded as (classifier, image size; no weights are read): a headless
+    model, a size that does not divide or a head file that does not fit is an error here, before any work."""
+    options = loading.config_options(config)
+    if options.get("head_weights") and len(names) > 1:
+        raise ValueError(f"head_weights {options['head_weights']} is the classifier of one model, but "
+                         f"{len(names)} are listed in ablation.models; run them one at a time")
+    modules = []
+    for name in names:
+        module = loading.planned_module(name, config.weights, config.checkpoint_dir, missing_ok=True, **options)
+        check_classifier(name, module, options)
+        modules.append(module)
+    return modules
+
+
 def prepare(config: Any) -> tuple[Grid, list[str]]:
-    """Checks the whole run before any compute: config, model names, grid against each model, weights."""
+    """Checks the whole run before any compute: config, model names, classifiers, grid against each model,
+    weights."""
     ab = config.ablation
     grid = Grid.from_config(ab)
     if not 0.0 < float(ab.confidence) < 1.0:
@@ -233,8 +305,8 @@ def prepare(config: Any) -> tuple[Grid, list[str]]:
     if int(ab.bootstrap) < 1:
         raise ValueError(f"ablation.bootstrap (resamples) must be at least 1, got {ab.bootstrap}")
     names = model_names(config)
-    for name in names:                      # unknown names (with suggestions) and bad grids error here
-        grid.plan(models.create_model(name))
+    for module in planned_modules(config, names):   # unknown names (with suggestions) and bad grids error here
+        grid.plan(module)
     _check_weights(config, names)
     return grid, names
 
@@ -242,26 +314,37 @@ def prepare(config: Any) -> tuple[Grid, list[str]]:
 def run(config: Any, workdir: Workdir) -> dict[str, Any]:
     grid, names = prepare(config)
     mesh = parallel.make_mesh()
-    parallel.check_batch_size(mesh, int(config.data.batch_size))
+    batch_size = int(config.data.batch_size)
+    parallel.check_batch_size(mesh, batch_size)
     source = data.make_eval_source(config.data)
     if source.num_classes == 0:
         raise ValueError(f"the ablation needs labelled images; {source.name} has no labels. Use "
                          "data.source='folder' with one subfolder per class, or a labelled TFDS dataset")
 
-    results = []
+    results, explore = [], []
     for name in names:
-        loaded = loading.load_model(name, config.weights, config.checkpoint_dir, config.seed)
+        loaded = loading.load_model(name, config.weights, config.checkpoint_dir, config.seed,
+                                    **loading.config_options(config))
         data.check_labels(source, loaded.info.num_classes)
         plan = grid.plan(loaded.module)     # the loaded module may differ (e.g. the checkpoint's classes)
-        rows = evaluate(config, loaded, plan, source, mesh, Workdir(workdir.root / _slug(loaded.name)))
+        explore_k = int(config.ablation.get("explore_images", 0))
+        evaluator = Evaluator(loaded.module, loaded.variables, plan, loaded.pretrained_cfg, seed=int(config.seed),
+                              variant_batch=int(config.ablation.variant_batch), mesh=mesh, predictions=explore_k > 0)
+        rows = evaluate(config, loaded, plan, source, mesh, Workdir(workdir.root / _slug(loaded.name)), evaluator)
         results.append(model_result(config, loaded, plan, rows, source))
+        # report.html's explorer: the first k images once more through the pass's compiled step (every process)
+        explore.append((results[-1], plan, loaded.info.patch_grid, ablation_explorer.collect(
+            explore_k, evaluator, rows, lambda start, stop, cfg=loaded.pretrained_cfg: data.batches(
+                source, cfg, batch_size, mesh, start=start, stop=stop, cache_dir=config.data.cache_dir or None))))
         log.info("%s: A0 = %.4f on %d images", loaded.name, results[-1]["A0"], results[-1]["images_used"])
 
     out = {"experiment": "ablate", "decisions": list(DECISIONS), "models": results,
            "data": {**source.describe(), "config": config.data.to_dict()}, "config": config.to_dict(),
            "versions": versions()}
     if jax.process_index() == 0:
-        ablation_report.write_outputs(workdir, out, config)   # also the sanity warnings (logged, in report.md)
+        explorer = ablation_explorer.explorer(explore, source.class_names)
+        ablation_report.write_outputs(workdir, out, config,   # also the sanity warnings (logged, in report.md)
+                                      explorers=[explorer] if explorer else [])
     return out
 
 

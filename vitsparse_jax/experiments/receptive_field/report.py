@@ -129,10 +129,12 @@ def _report(results: Sequence[Measured], series: Sequence[Measured], fraction: f
 
 def write_outputs(workdir: Workdir, results: Sequence[Measured], series: Sequence[Measured], summary: dict[str, Any],
                   fraction: float, max_columns: int) -> None:
-    """results.json (= `summary`), CSV, maps, figures and report.md of a run."""
+    """results.json (= `summary`), CSV, maps, figures, report.md and report.html (with the explorer) of a run."""
+    from vitsparse_jax.experiments.receptive_field import explorer
     from vitsparse_jax.experiments.receptive_field import figures as figures
+    from vitsparse_jax.report_html import write_report_html
 
-    files = ["results.json", "receptive_fields.csv", "receptive_fields.npz"]
+    files = ["report.html", "results.json", "receptive_fields.csv", "receptive_fields.npz"]
     summary["warnings"] = sanity.emit(sanity_warnings(results, series))
     workdir.write_json("results.json", summary)
     workdir.write_csv("receptive_fields.csv", _csv_rows(results))
@@ -149,4 +151,11 @@ def write_outputs(workdir: Workdir, results: Sequence[Measured], series: Sequenc
         workdir.save_figure(figures.locality_over_training([_figure_entry(r) for r in series]),
                             "locality_over_training")
         files += ["locality_over_training.csv", "locality_over_training.npz", "locality_over_training.png/pdf"]
-    workdir.write_text("report.md", _report(results, series, fraction, files, summary.get("warnings", ())))
+    text = _report(results, series, fraction, files, summary.get("warnings", ()))
+    workdir.write_text("report.md", text)
+    captions = {"receptive_field_maps": f"receptive-field maps across depth (colour scale: {scale})",
+                "locality_vs_depth": "S and mean radius against relative depth",
+                "locality_over_training": "locality over the training checkpoints"}
+    shown = [(stem, caption) for stem, caption in captions.items() if series or stem != "locality_over_training"]
+    panel = explorer.explorer(results, scale)
+    write_report_html(workdir, "Receptive fields and locality", text, shown, [panel] if panel else [])

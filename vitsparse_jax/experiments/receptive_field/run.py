@@ -36,8 +36,7 @@ from vitsparse_jax.experiments.receptive_field.report import DECISIONS, Measured
 from vitsparse_jax.runtime import fingerprint as input_fingerprint
 from vitsparse_jax.runtime import parallel, resumable
 from vitsparse_jax.runtime.workdir import Workdir, to_json, versions
-from vitsparse_jax.weights import pretrained
-from vitsparse_jax.weights.loading import UNTRAINED, LoadedModel, load_model
+from vitsparse_jax.weights.loading import UNTRAINED, LoadedModel, config_options, load_model, planned_module
 
 log = logging.getLogger(__name__)
 
@@ -215,10 +214,10 @@ def checkpoint_series(spec: str | Iterable[str]) -> list[tuple[int, Path]]:
 def check_layers(config: Any) -> None:
     """Fails fast, before any weights are loaded, on a layer pattern that some model of the run lacks."""
     patterns = as_list(config.receptive_field.layers)
-    for name in dict.fromkeys(as_list(config.receptive_field.models) or [config.model]):
-        arch, tag = models.split_name(name)
-        overrides = pretrained.module_overrides(arch, pretrained.resolve_cfg(arch, tag))
-        select_layers(models.model_info(models.create_model(name, **overrides)), patterns)
+    options = config_options(config)   # the image size and classifier asked for (a bad size errors here)
+    for name, weights in dict.fromkeys(model_variants(config)):
+        module = planned_module(name, weights, config.checkpoint_dir, missing_ok=True, **options)
+        select_layers(models.model_info(module), patterns)
 
 
 def checkpoint_model(path: Path, default: str) -> str:
@@ -241,12 +240,13 @@ def run(config: Any, workdir: Workdir) -> dict[str, Any]:
 
     results = []
     for name, weights in pairs:
-        loaded = load_model(name, weights, config.checkpoint_dir, config.seed)
+        loaded = load_model(name, weights, config.checkpoint_dir, config.seed, **config_options(config))
         label = f"{loaded.name} ({'trained' if loaded.trained else 'untrained'})"
         results.append(measure(loaded, name, label, config, workdir, source, mesh))
     series = []
     for step, path in series_spec:
-        loaded = load_model(checkpoint_model(path, config.model), str(path), config.checkpoint_dir, config.seed)
+        loaded = load_model(checkpoint_model(path, config.model), str(path), config.checkpoint_dir, config.seed,
+                            **config_options(config))
         series.append(measure(loaded, loaded.arch, f"{loaded.arch} step {step}", config, workdir, source, mesh,
                               step=step))
 

@@ -16,9 +16,16 @@ from matplotlib.figure import Figure
 
 from vitsparse_jax.experiments.sparsity import norms
 from vitsparse_jax.experiments.sparsity import stats as st
+from vitsparse_jax.report_html import write_report_html
 from vitsparse_jax.runtime.workdir import Workdir
 
 MODELS_DIR = "models"
+
+
+def folder(summary: dict) -> str:
+    """A model's folder: where `run` put it (`summary["folder"]`, from the configured name), else from its name
+    (which may carry the weights' tag, e.g. 'vit_pico_patch4_32.digits')."""
+    return summary.get("folder") or model_dir(summary["name"])
 
 
 def model_dir(name: str) -> str:
@@ -101,14 +108,16 @@ def write_comparison(workdir: Workdir, summaries: Sequence[dict], config: dict) 
             plt.close(fig)
             figures.append(stem)
     result = {"experiment": "sparsity", "models": [s["name"] for s in summaries],
-              "folders": {s["name"]: model_dir(s["name"]) for s in summaries},
+              "folders": {s["name"]: folder(s) for s in summaries},
               "images": {s["name"]: s["images"] for s in summaries}, "figures": figures, "config": config}
     workdir.write_json("results.json", result)
     lines = ["# Sparsity: several models on the same images", "",
              "| model | images | folder |", "|---|---|---|"]
-    lines += [f"| {s['name']} | {s['images']} | [{model_dir(s['name'])}]({model_dir(s['name'])}/report.md) |"
+    lines += [f"| {s['name']} | {s['images']} | [{folder(s)}]({folder(s)}/report.md) |"
               for s in summaries]
     lines += ["", "Per model and block: `models.csv`. Figures:", ""]
     lines += [f"![{stem}]({stem}.png)" for stem in figures]
-    workdir.write_text("report.md", "\n".join(lines) + "\n")
+    text = "\n".join(lines) + "\n"
+    workdir.write_text("report.md", text)
+    write_report_html(workdir, "Sparsity: several models", text, [(stem, "") for stem in figures])
     return result

@@ -6,10 +6,11 @@ from typing import Any, Sequence
 import numpy as np
 
 from vitsparse_jax.experiments import sanity
+from vitsparse_jax.experiments.sparsity import explorer, norms
 from vitsparse_jax.experiments.sparsity import figures as figs
-from vitsparse_jax.experiments.sparsity import norms
 from vitsparse_jax.experiments.sparsity import stats as st
 from vitsparse_jax.experiments.sparsity.probe import Example, Probe
+from vitsparse_jax.report_html import write_report_html
 from vitsparse_jax.runtime.workdir import Workdir
 
 Figures = list[tuple[str, str]]   # (file stem, caption), in report order
@@ -145,7 +146,8 @@ def cnn_outputs(workdir: Workdir, name: str, probe: Probe, res: dict) -> tuple[F
     return out, ["## Layers", "", markdown_table(rows)]
 
 
-def write_report(workdir: Workdir, summary: dict, figures: Figures, tables: list[str]) -> None:
+def write_report(workdir: Workdir, summary: dict, figures: Figures, tables: list[str]) -> str:
+    """Writes report.md; returns its text."""
     m = summary["model"]
     prov = summary.get("provenance") or sanity.provenance(m)
     lines = [f"# Sparsity: {summary['name']} ({summary['kind']})", "",
@@ -155,11 +157,15 @@ def write_report(workdir: Workdir, summary: dict, figures: Figures, tables: list
     for stem, caption in figures:
         lines += [f"![{stem}]({stem}.png)", "", caption, ""]
     lines += tables + ["", "## Choices", ""] + [f"- {k}: {v}" for k, v in summary["choices"].items()]
-    workdir.write_text("report.md", "\n".join(lines) + "\n")
+    text = "\n".join(lines) + "\n"
+    workdir.write_text("report.md", text)
+    return text
 
 
-def write_outputs(workdir: Workdir, summary: dict, probe: Probe, res: dict, ex: Example | None) -> dict:
-    """Writes every output; returns `summary` completed with the layout, statistics and figure list."""
+def write_outputs(workdir: Workdir, summary: dict, probe: Probe, res: dict, ex: Example | None,
+                  explore: dict | None = None) -> dict:
+    """Writes every output (report.html last, with the explorer when `explore`, from `explorer.collect`);
+    returns `summary` completed with the layout, statistics and figure list."""
     lay = probe.layout
     if probe.kind == "attention":
         figures, tables = attention_outputs(workdir, summary["name"], probe, res, ex,
@@ -175,5 +181,7 @@ def write_outputs(workdir: Workdir, summary: dict, probe: Probe, res: dict, ex: 
                "warnings": sanity.emit(sanity.weights_warnings(summary["name"], summary["model"])),
                "statistics": {**res, "nu_bin_edges": st.bin_edges(*lay.nu_range)}}
     workdir.write_json("results.json", summary)
-    write_report(workdir, summary, figures, tables)
+    text = write_report(workdir, summary, figures, tables)
+    write_report_html(workdir, f"Sparsity: {summary['name']}", text, figures,
+                      [explorer.make_explorer(explore)] if explore else [])
     return summary

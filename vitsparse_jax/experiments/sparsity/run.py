@@ -19,13 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from vitsparse_jax import data
-from vitsparse_jax.experiments.sparsity import compare, norms, report
+from vitsparse_jax.experiments.sparsity import compare, explorer, norms, report
 from vitsparse_jax.experiments.sparsity import stats as st
 from vitsparse_jax.experiments.sparsity.probe import Example, Probe
 from vitsparse_jax.models import swin as swin_models
 from vitsparse_jax.runtime import fingerprint, parallel, resumable
 from vitsparse_jax.runtime.workdir import Workdir, versions
-from vitsparse_jax.weights.loading import LoadedModel, load_model
+from vitsparse_jax.weights.loading import LoadedModel, config_options, load_model
 
 log = logging.getLogger(__name__)
 ATTENTION_FAMILIES = ("vit", "swin")
@@ -204,7 +204,8 @@ def collect(loaded: LoadedModel, probe: Probe, source: data.Source, mesh: jax.sh
            "data": {"identity": source.identity, "name": source.name, "images": len(source)},
            "statistics": {"kind": probe.kind, "layers": probe.names, "top_fraction": s.top_fraction,
                           "top_by": s.top_by, "top_head": s.top_head, "nu": _nu_range(s),
-                          "top_fractions": tuple(s.top_fractions), "norm_factor": getattr(probe.layout, "norm_factor", None),
+                          "top_fractions": tuple(s.top_fractions),
+                          "norm_factor": getattr(probe.layout, "norm_factor", None),
                           "per_image": bool(s.get("per_image", False))}}
     return resumable.run_resumable(
         workdir, key=key, total=len(source), batch_size=batch_size, resume=config.resume,
@@ -309,6 +310,10 @@ def measure(config: Any, workdir: Workdir, loaded: LoadedModel, source: data.Sou
     ex = example(loaded, probe, source, mesh, choice) if choice and outputs else None
     if ex is not None and probe.norm_captures:
         ex.norm_scatter = norms.scatter_values(loaded, probe, source, mesh, choice.image)
+    explore = None
+    if choice and outputs:   # report.html's explorer: images from example_index on
+        explore = explorer.collect(loaded, probe, source, mesh, choice.image, int(cfg.get("explore_images", 4)),
+                                   float(cfg.top_fraction))
     if probe.kind == "attention":
         res = st.attention_results(totals, probe.layout)
     else:
@@ -323,7 +328,7 @@ def measure(config: Any, workdir: Workdir, loaded: LoadedModel, source: data.Sou
         log.info("sparsity of %s over %d images: writing to %s", loaded.name, res["images"], workdir.root)
         if rows:
             write_per_image(workdir, rows, source)
-        return report.write_outputs(workdir, summary, probe, res, ex)
+        return report.write_outputs(workdir, summary, probe, res, ex, explore)
     return {**summary, "statistics": res}
 
 
@@ -341,12 +346,13 @@ def run(config: Any, workdir: Workdir) -> dict[str, Any]:
     names = model_names(config)
     source = check_not_empty(data.make_eval_source(config.data))
     if len(names) == 1:
-        loaded = load_model(names[0], config.weights, config.checkpoint_dir, config.seed)
+        loaded = load_model(names[0], config.weights, config.checkpoint_dir, config.seed, **config_options(config))
         return measure(config, workdir, loaded, source, mesh)
     summaries = []
     for name in names:   # the same images for every model; each model resumes in its own folder
-        loaded = load_model(name, config.weights, config.checkpoint_dir, config.seed)
-        summaries.append(measure(config, Workdir(workdir.path(compare.model_dir(name))), loaded, source, mesh))
+        loaded = load_model(name, config.weights, config.checkpoint_dir, config.seed, **config_options(config))
+        where = compare.model_dir(name)
+        summaries.append({**measure(config, Workdir(workdir.path(where)), loaded, source, mesh), "folder": where})
     if jax.process_index() != 0:
         return {"models": names}
     return compare.write_comparison(workdir, summaries, config.to_dict())

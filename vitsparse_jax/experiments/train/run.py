@@ -271,7 +271,12 @@ def _data_config(config: ml_collections.ConfigDict, split: str) -> ml_collection
 
 def _setup(config: ml_collections.ConfigDict) -> _Setup:
     tc = config.train
-    overrides = {"num_classes": tc.num_classes} if tc.num_classes else {}
+    overrides = loading.config_options(config)   # img_size, num_classes, head_weights of the shared config
+    if tc.num_classes:
+        if overrides.get("num_classes", tc.num_classes) != tc.num_classes:
+            raise ValueError(f"train.num_classes={tc.num_classes} and num_classes={overrides['num_classes']} "
+                             f"disagree; set one of them")
+        overrides["num_classes"] = tc.num_classes
     loaded = loading.load_model(config.model, weights=config.weights, checkpoint_dir=config.checkpoint_dir,
                                 seed=config.seed, **overrides)
     module = loaded.module
@@ -302,7 +307,8 @@ def _describe_training(config: ml_collections.ConfigDict, s: _Setup, step: int,
     """The `source` text of an exported checkpoint: how it was trained, and its held-out accuracy."""
     tc = config.train
     embed = f", x{tc.embed_lr_mult} on pos_embed/cls_token" if tc.embed_lr_mult != 1 else ""
-    return (f"trained by vitsparse_jax.experiments.train.run (configs/train.py) from {s.loaded.weights} on {s.train_source.name} "
+    return (f"trained by vitsparse_jax.experiments.train.run (configs/train.py) from {s.loaded.weights} "
+            f"on {s.train_source.name} "
             f"({len(s.train_source)} images): seed {config.seed}, step {step} of {tc.steps}, batch {tc.batch_size} "
             f"on {jax.device_count()} {jax.default_backend()} device(s), AdamW lr {tc.lr} (warmup {tc.warmup_steps}, "
             f"cosine{embed}), weight decay {tc.weight_decay}, label smoothing {tc.label_smoothing}, shift "

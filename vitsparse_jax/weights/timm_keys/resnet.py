@@ -6,9 +6,9 @@ import re
 import flax.linen as nn
 import numpy as np
 
-from checkpoints_convert.vgg import NAMES, expected_shapes, flax_path, torch_to_flax
 from vitsparse_jax import models
 from vitsparse_jax.weights.checkpoint import CheckpointError, check_tensors
+from vitsparse_jax.weights.timm_keys.vgg import NAMES, expected_shapes, flax_path, torch_to_flax
 
 # timm module name -> kind; block modules are 'layer{s}.{b}.<name>'
 _KINDS = {"conv1": "conv", "bn1": "bn", "fc": "linear"}
