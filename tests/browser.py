@@ -10,7 +10,9 @@ No Chromium or no playwright: the tests are skipped locally and fail on CI (the 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -19,6 +21,13 @@ import pytest
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def page_data(path: Path, key: str) -> dict:
+    """The JSON data of explorer `key`, read back from a report.html."""
+    found = re.search(rf'<script type="application/json" id="{key}-data">(.*?)</script>', path.read_text(), re.S)
+    assert found, f"no {key} explorer in {path}"
+    return json.loads(found.group(1))
 
 
 def chromium_path() -> str | None:

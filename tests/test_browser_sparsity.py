@@ -2,14 +2,13 @@
 the attention explorer driven in headless Chromium (tests/browser.py)."""
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import pytest
 
 from configs import sparsity as sparsity_config
-from tests.browser import screenshot
+from tests.browser import page_data, screenshot
 from vitsparse_jax import main
 
 IMAGES = 8
@@ -33,9 +32,7 @@ def vit_report(tmp_path_factory) -> Path:
 
 
 def explorer_data(path: Path) -> dict:
-    text = path.read_text()
-    return json.loads(re.search(r'<script type="application/json" id="sparsity-data">(.*?)</script>', text,
-                                re.S).group(1))
+    return page_data(path, "sparsity")
 
 
 def test_the_report_holds_text_figures_and_the_explorer_data(vit_report):

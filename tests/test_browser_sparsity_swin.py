@@ -3,8 +3,6 @@ cyclic shift), checked against the model's maps in Python, then driven in headle
 from __future__ import annotations
 
 import dataclasses
-import json
-import re
 from pathlib import Path
 
 import jax
@@ -12,7 +10,7 @@ import numpy as np
 import pytest
 
 from configs import sparsity as sparsity_config
-from tests.browser import screenshot
+from tests.browser import page_data, screenshot
 from vitsparse_jax import data
 from vitsparse_jax.experiments.sparsity import explorer
 from vitsparse_jax.experiments.sparsity import run as sparsity
@@ -43,9 +41,7 @@ def swin_run(tmp_path_factory):
 
 
 def explorer_data(path: Path) -> dict:
-    text = path.read_text()
-    return json.loads(re.search(r'<script type="application/json" id="sparsity-data">(.*?)</script>', text,
-                                re.S).group(1))
+    return page_data(path, "sparsity")
 
 
 def shifted_windows(grid: int, window: int, shift: int) -> np.ndarray:

@@ -6,14 +6,13 @@ VITSPARSE_JAX_SCREENSHOTS=docs/img also saves the explorer's screenshot (docs/im
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
-import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests.browser import page_data
 from vitsparse_jax import main
 from vitsparse_jax.experiments.ablation import explorer as ablation_explorer
 from vitsparse_jax.report_html import decode_array
@@ -27,14 +26,6 @@ def get_config(arg: str | None = None):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config(arg)
-
-
-def page_data(path: Path, key: str) -> dict:
-    """The JSON of an explorer, read back from report.html."""
-    text = path.read_text()
-    found = re.search(rf'<script type="application/json" id="{key}-data">(.*?)</script>', text, re.S)
-    assert found, f"no {key} explorer in {path}"
-    return json.loads(found.group(1))
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests.browser import page_data
 from vitsparse_jax import main
 from vitsparse_jax.experiments.receptive_field import explorer as rf_explorer
 from vitsparse_jax.report_html import decode_array
@@ -27,12 +27,6 @@ def get_config(arg: str | None = None):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config(arg)
-
-
-def page_data(path: Path, key: str) -> dict:
-    found = re.search(rf'<script type="application/json" id="{key}-data">(.*?)</script>', path.read_text(), re.S)
-    assert found, f"no {key} explorer in {path}"
-    return json.loads(found.group(1))
 
 
 @pytest.fixture(scope="module")

@@ -13,10 +13,10 @@ import time
 import numpy as np
 import pytest
 
-from vitsparse_jax.runtime import errors, fingerprint, workdir as workdir_mod
+from vitsparse_jax.runtime import errors, fingerprint
+from vitsparse_jax.runtime import workdir as workdir_mod
 from vitsparse_jax.runtime.errors import StateError, WorkdirError, WorkdirLocked
 from vitsparse_jax.runtime.workdir import COMPLETE_FILE, Workdir, atomic_write_bytes
-
 
 # --------------------------------------------------------------------------- write failures name the file
 
@@ -158,3 +158,25 @@ def test_a_read_only_checkpoint_folder_still_gets_a_hash(tmp_path, monkeypatch):
     fingerprint._memory.clear()
     assert len(fingerprint.weights(path)["sha256"]) == 64
     assert not (tmp_path / "m.safetensors.sha256").exists()
+
+
+def test_figure_dpi_comes_from_the_environment_and_is_checked(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    from vitsparse_jax.runtime.workdir import FIGURE_DPI_ENV, Workdir, figure_dpi
+
+    sizes = {}
+    for dpi in ("50", "100"):
+        monkeypatch.setenv(FIGURE_DPI_ENV, dpi)
+        fig, ax = plt.subplots(figsize=(2, 1))
+        ax.plot([0, 1])
+        png, pdf = Workdir(tmp_path / dpi).save_figure(fig, "f")
+        sizes[dpi] = Image.open(png).size
+        assert pdf.suffix == ".pdf" and pdf.stat().st_size > 0
+    assert abs(sizes["100"][0] / sizes["50"][0] - 2) < 0.1
+    monkeypatch.delenv(FIGURE_DPI_ENV)
+    assert figure_dpi() == 300
+    monkeypatch.setenv(FIGURE_DPI_ENV, "high")
+    with pytest.raises(ValueError, match="VITSPARSE_JAX_FIGURE_DPI='high'"):
+        figure_dpi()

@@ -30,6 +30,7 @@ import numpy as np
 from vitsparse_jax.runtime.errors import StateError, WorkdirError, WorkdirLocked
 
 RESUME_FILE = "resume_state.npz"
+FIGURE_DPI_ENV = "VITSPARSE_JAX_FIGURE_DPI"   # PNG resolution of the figures (figure_dpi)
 COMPLETE_FILE = "COMPLETE.json"   # the completion marker: written last, removed before any other write
 LOCK_FILE = ".lock"
 _ROOTS: set[Path] = set()          # every Workdir root of this process (see _invalidate_completion)
@@ -115,6 +116,15 @@ def to_json(obj: Any) -> str:
     return json.dumps(obj, indent=2, default=_json_default, allow_nan=True) + "\n"
 
 
+def figure_dpi() -> int:
+    """PNG resolution of every figure: $VITSPARSE_JAX_FIGURE_DPI, else 300 (print). A lower value (e.g. 100)
+    makes quick runs faster: rendering 300 dpi PNGs is about half of a small run's time."""
+    value = os.environ.get(FIGURE_DPI_ENV, "").strip() or "300"
+    if not value.isdigit() or int(value) < 10:
+        raise ValueError(f"{FIGURE_DPI_ENV}={value!r}: expected a whole number of dots per inch >= 10, e.g. 300")
+    return int(value)
+
+
 def versions() -> dict[str, str]:
     """Versions of Python, the main packages and the devices in use, for results metadata."""
     out = {"python": platform.python_version()}
@@ -170,10 +180,12 @@ class Workdir:
         writer.writerows(rows)
         return self.write_text(name, buf.getvalue())
 
-    def save_figure(self, fig: Any, stem: str, dpi: int = 300) -> list[Path]:
-        """Writes `stem.png` (`dpi`, 300 = print resolution) and `stem.pdf` (vector; text as TrueType, images
-        at their own resolution) and closes the figure."""
+    def save_figure(self, fig: Any, stem: str, dpi: int | None = None) -> list[Path]:
+        """Writes `stem.png` (`dpi`; default `figure_dpi()`, 300 = print resolution) and `stem.pdf` (vector;
+        text as TrueType, images at their own resolution) and closes the figure."""
         import matplotlib.pyplot as plt
+
+        dpi = dpi or figure_dpi()
 
         paths = []
         for ext in ("png", "pdf"):

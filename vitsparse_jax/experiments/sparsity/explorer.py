@@ -72,6 +72,15 @@ def pack(a: jax.Array, prefix: int, top_k: int) -> dict[str, jax.Array]:
             "rest": jnp.maximum(patches.sum(-1) - vals.sum(-1), 0.0), "mu": a.mean(axis=-2)}
 
 
+def _example_batch(loaded: LoadedModel, source: data.Source, mesh: jax.sharding.Mesh, start: int,
+                   stop: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Images start..stop-1 as one host batch (padded to the mesh) and the rows that hold readable images."""
+    size = -(-(stop - start) // mesh.size) * mesh.size
+    batch = parallel.to_host(next(iter(data.batches(source, loaded.pretrained_cfg, size, mesh, start=start,
+                                                    stop=stop))))
+    return batch, np.flatnonzero(np.asarray(batch["valid"]))
+
+
 def _pack_fn(loaded: LoadedModel, probe: Probe, top_k: int, norms: bool) -> Any:
     """jit(variables, image uint8) -> {"blocks": [pack(maps of each block)], "norms": (B, L + 1, N)}."""
     p, cfg = probe.layout.prefix, loaded.pretrained_cfg
@@ -123,10 +132,7 @@ def collect(loaded: LoadedModel, probe: Probe, source: data.Source, mesh: jax.sh
     gh, gw = lay.grids[-1]
     stop = min(len(source), start + images)
     top_k = row_top_k(stop - start, len(probe.names), lay.heads, lay.prefix, gh * gw)
-    size = -(-(stop - start) // mesh.size) * mesh.size
-    batch = parallel.to_host(next(iter(data.batches(source, loaded.pretrained_cfg, size, mesh, start=start,
-                                                    stop=stop))))
-    keep = np.flatnonzero(np.asarray(batch["valid"]))
+    batch, keep = _example_batch(loaded, source, mesh, start, stop)
     if keep.size == 0:
         return None
     norms = "embed" in loaded.info.capture_names
@@ -219,10 +225,7 @@ def collect_swin(loaded: LoadedModel, probe: Probe, source: data.Source, mesh: j
     heads = [int(loaded.module.num_heads[s]) for s, _ in where]
     tokens = [np.asarray(i) for i in probe.token_index]
     top_k = swin_row_top_k(stop - start, [(i.size * (h + 1), i.shape[1]) for i, h in zip(tokens, heads)])
-    size = -(-(stop - start) // mesh.size) * mesh.size
-    batch = parallel.to_host(next(iter(data.batches(source, loaded.pretrained_cfg, size, mesh, start=start,
-                                                    stop=stop))))
-    keep = np.flatnonzero(np.asarray(batch["valid"]))
+    batch, keep = _example_batch(loaded, source, mesh, start, stop)
     if keep.size == 0:
         return None
     out = parallel.to_host(_pack_swin_fn(loaded, probe, top_k)(loaded.variables, batch["image"]))
