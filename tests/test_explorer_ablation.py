@@ -5,33 +5,24 @@ The built-in default (vit_pico on the digits, the paper's grid) on 8 images.
 VITSPARSE_JAX_SCREENSHOTS=docs/img also saves the explorer's screenshot (docs/img/explorer_ablation.png)."""
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from configs import ablate as ablate_config
 from tests.browser import page_data
 from vitsparse_jax import main
 from vitsparse_jax.experiments.ablation import explorer as ablation_explorer
 from vitsparse_jax.report_html import decode_array
 from vitsparse_jax.runtime.workdir import Workdir
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def get_config(arg: str | None = None):
-    spec = importlib.util.spec_from_file_location("ablate_config", ROOT / "configs" / "ablate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
-
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("ablate")
-    config = get_config()
+    config = ablate_config.get_config()
     config.workdir, config.progress, config.data.num_images, config.data.batch_size = str(folder), False, 8, 8
     main.run(config)
     return folder

@@ -6,7 +6,6 @@ VITSPARSE_JAX_SCREENSHOTS=docs/img also saves the explorer's screenshot
 (docs/img/explorer_receptive_field.png)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -14,25 +13,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from configs import receptive_field as rf_config
 from tests.browser import page_data
 from vitsparse_jax import main
 from vitsparse_jax.experiments.receptive_field import explorer as rf_explorer
 from vitsparse_jax.report_html import decode_array
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def get_config(arg: str | None = None):
-    spec = importlib.util.spec_from_file_location("rf_config", ROOT / "configs" / "receptive_field.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
-
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("rf")
-    config = get_config()
+    config = rf_config.get_config()
     config.workdir, config.progress, config.data.num_images, config.data.batch_size = str(folder), False, 4, 4
     main.run(config)
     return folder

@@ -22,12 +22,6 @@ from vitsparse_jax.runtime.workdir import Workdir
 MODELS_DIR = "models"
 
 
-def folder(summary: dict) -> str:
-    """A model's folder: where `run` put it (`summary["folder"]`, from the configured name), else from its name
-    (which may carry the weights' tag, e.g. 'vit_pico_patch4_32.digits')."""
-    return summary.get("folder") or model_dir(summary["name"])
-
-
 def model_dir(name: str) -> str:
     """The per-model folder of a multi-model run: models/<name with unsafe characters replaced>."""
     return f"{MODELS_DIR}/{re.sub(r'[^A-Za-z0-9._-]+', '_', name)}"
@@ -94,7 +88,7 @@ def depth_figure(summaries: Sequence[dict]) -> Figure:
 
 
 def write_comparison(workdir: Workdir, summaries: Sequence[dict], config: dict) -> dict:
-    """Writes models.csv, the comparison figures, results.json and report.md; returns results.json."""
+    """Writes models.csv, the comparison figures, results.json, report.md and report.html; returns results.json."""
     table = rows(summaries)
     if table:
         workdir.write_csv("models.csv", table)
@@ -108,12 +102,12 @@ def write_comparison(workdir: Workdir, summaries: Sequence[dict], config: dict) 
             plt.close(fig)
             figures.append(stem)
     result = {"experiment": "sparsity", "models": [s["name"] for s in summaries],
-              "folders": {s["name"]: folder(s) for s in summaries},
+              "folders": {s["name"]: s["folder"] for s in summaries},
               "images": {s["name"]: s["images"] for s in summaries}, "figures": figures, "config": config}
     workdir.write_json("results.json", result)
     lines = ["# Sparsity: several models on the same images", "",
              "| model | images | folder |", "|---|---|---|"]
-    lines += [f"| {s['name']} | {s['images']} | [{folder(s)}]({folder(s)}/report.md) |"
+    lines += [f"| {s['name']} | {s['images']} | [{s['folder']}]({s['folder']}/report.md) |"
               for s in summaries]
     lines += ["", "Per model and block: `models.csv`. Figures:", ""]
     lines += [f"![{stem}]({stem}.png)" for stem in figures]
