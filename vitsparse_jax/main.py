@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
+from typing import Sequence
 
 from absl import app, flags
 from absl import logging as absl_logging
@@ -102,6 +103,7 @@ def setup_logging() -> None:
 
 
 def main(argv: list[str]) -> None:
+    """The run, with the flags parsed (raises on errors; `cli` turns them into exit statuses)."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if _CONFIG.value is None:
@@ -203,31 +205,49 @@ def _parse_flags(argv: list[str]) -> list[str]:
         sys.exit(errors.EXIT_USER_ERROR)
 
 
-def _guarded(main_fn):
-    """main with the exit statuses of docs/design.md ('Guarantees'): 0 done, 2 user error (no traceback
-    unless --verbose), 1 internal error (traceback), 128 + N stopped by signal N (130 SIGINT, 143 SIGTERM;
-    the state is saved and the same command continues), 75 stopped by stop_after_batches."""
+def run_parsed(argv: list[str]) -> int:
+    """`main` with the exit statuses of docs/design.md ("Guarantees"): 0 done, 2 user error (one message, no
+    traceback unless --verbose), 75 stopped by stop_after_batches, 128 + N stopped by signal N (130 SIGINT,
+    143 SIGTERM; the state is saved and the same command continues). An internal error raises (status 1 and
+    its traceback under `python -m`)."""
+    from vitsparse_jax.runtime import resumable, stopping
 
-    def wrapped(argv: list[str]) -> None:
-        from vitsparse_jax.runtime import resumable, stopping
+    try:
+        with stopping.handle_signals():   # from the start: a signal during setup stops at the first batch
+            main(argv)
+    except resumable.Interrupted as e:
+        print(str(e), file=sys.stderr, flush=True)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("stopped at once (Ctrl-C twice): the state saved last is kept; run the same command again to "
+              "continue from it", file=sys.stderr, flush=True)
+        return stopping.exit_code(2)
+    except Exception as e:  # noqa: BLE001
+        if _VERBOSE.value or errors.verbose_requested() or not errors.is_user_error(e):
+            raise
+        return errors.report(e)
+    return 0
 
+
+def cli(argv: Sequence[str]) -> int:
+    """The command line in this process: `cli(["vitsparse_jax.main", "--config=configs/ablate.py", ...])`
+    parses the flags (afresh: a second call does not see the first one's), runs, and returns the exit status
+    of `run_parsed` (2 for a flag or config error). `python -m vitsparse_jax.main` is `app.run` over the same
+    two steps."""
+    argv, saved = list(argv), sys.argv
+    sys.argv = argv   # ml_collections reads the --config.x overrides from sys.argv; the run records it as its command
+    try:
+        for name in [n for n in flags.FLAGS if n.startswith("config.")]:
+            delattr(flags.FLAGS, name)   # the last parse's --config.x override flags (ml_collections adds them)
+        flags.FLAGS.unparse_flags()
         try:
-            with stopping.handle_signals():   # from the start: a signal during setup stops at the first batch
-                main_fn(argv)
-        except resumable.Interrupted as e:
-            print(str(e), file=sys.stderr, flush=True)
-            sys.exit(e.exit_code)
-        except KeyboardInterrupt:
-            print("stopped at once (Ctrl-C twice): the state saved last is kept; run the same command again to "
-                  "continue from it", file=sys.stderr, flush=True)
-            sys.exit(stopping.exit_code(2))
-        except Exception as e:  # noqa: BLE001
-            if _VERBOSE.value or errors.verbose_requested() or not errors.is_user_error(e):
-                raise
-            sys.exit(errors.report(e))
-
-    return wrapped
+            rest = _parse_flags(argv)
+        except SystemExit as e:   # a flag or config error (printed), or --help
+            return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        return run_parsed(rest)
+    finally:
+        sys.argv = saved
 
 
 if __name__ == "__main__":
-    app.run(_guarded(main), flags_parser=_parse_flags)
+    app.run(run_parsed, flags_parser=_parse_flags)
