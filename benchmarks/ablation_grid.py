@@ -1,20 +1,20 @@
-"""(c) The full ablation grid (SPEC section 3): this project's one-pass step vs the published procedure.
+"""(c) The full ablation grid (docs/science.md#ablation-metrics): our one-pass step vs the published procedure.
 
     python benchmarks/ablation_grid.py --models vit_base_patch16_224 --batch_size 8
     python benchmarks/ablation_grid.py                 # ViT-B/16 and ResNet50, fp32
 
 Grid: p in {5, 10, 20, 30}%, n in {1, 2, 3}, the top set + 3 random draws = 48 ablated cells, plus the clean
-pass that gives A0 and the ranking (whole-layer reference off, as in SPEC's grid; --whole_layer 1 adds the
+pass that gives A0 and the ranking (whole-layer reference off, as in the paper's grid; --whole_layer 1 adds the
 3 whole-layer cells to both sides).
 
-- project: `vitsparse_jax.experiments.ablation.run.Evaluator` -- the jitted per-batch step of the experiment: clean pass with
+- project: `vitsparse_jax.experiments.ablation.evaluator.Evaluator` -- the jitted per-batch step of the experiment: clean pass with
   captures, ranking, masks, then per n only the last stages re-run, vmapped over the 16 variants of each n.
 - reference ("published procedure", re-implemented here with timm + hooks, batched over images): one clean
   forward with a hook capturing the ranking input, then for EVERY (n, p, top/draw) cell a full forward of
   the model with forward hooks that zero the dropped units in the last n ablation layers. ViT: fused
   attention off only in the blocks that are ablated (the others keep F.scaled_dot_product_attention, which
   favours the reference); hooks on `blocks.{l}.attn.attn_drop` multiply the post-softmax columns. ResNet:
-  hooks on the bottleneck `act2` ReLUs zero whole channels (ranked by l1 per layer, SPEC section 3).
+  hooks on the bottleneck `act2` ReLUs zero whole channels (ranked by l1 per layer, docs/science.md#cnn-units).
 Both sides get uint8 crops already on the device and normalise them inside the step; neither includes
 JPEG decoding (see benchmarks/data_throughput.py for that). Time for 50,000 images is EXTRAPOLATED from the
 measured per-batch time (50,000 / images per s), compilation excluded (reported apart).
@@ -70,7 +70,7 @@ class Reference:
         return hook
 
     def scores(self, site) -> Any:
-        """(B, U) ranking scores from the clean pass (SPEC section 3)."""
+        """(B, U) ranking scores from the clean pass (docs/science.md#ablation-units)."""
         if self.family == "vit":   # mu of the LAST block's columns (rank_by=last_layer), patch tokens only
             probs = self.captured[self.sites[-1].site]
             return probs.float().mean(dim=(1, 2))[:, site.prefix:]
@@ -149,7 +149,7 @@ def measure(name: str, args: argparse.Namespace, info: dict) -> dict:
     import torch
 
     from vitsparse_jax import data
-    from vitsparse_jax.experiments.ablation import run as ablation
+    from vitsparse_jax.experiments.ablation import experiment as ablation
     from vitsparse_jax.experiments.ablation import units as ablation_units
 
     device = bc.torch_device()
@@ -240,7 +240,7 @@ def bf16_agreement(module, name: str, variables, plan, cfg, batch, args) -> dict
     import numpy as np
 
     from vitsparse_jax import models
-    from vitsparse_jax.experiments.ablation import run as ablation
+    from vitsparse_jax.experiments.ablation import experiment as ablation
 
     fp32 = jax.device_get(ablation.Evaluator(module, variables, plan, cfg, seed=args.seed)(batch))
     bf_module = models.create_model(name, dtype=bc.jax_dtype("bfloat16"))

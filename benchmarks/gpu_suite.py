@@ -7,7 +7,7 @@ Runs the existing benchmark scripts' functions (forward_throughput.measure, abla
 flops.matmul_peak, receptive_fields.measure, data_throughput.measure) plus a bf16-vs-fp32 agreement check,
 in this order (each a "part"; `--parts` picks and orders them):
 
-  grid_vit_bf16     (b) SPEC section 3 grid (4 p x 3 n, top set + 3 draws, whole-layer reference) on ViT-B/16 in
+  grid_vit_bf16     (b) the paper's ablation grid (4 p x 3 n, top set + 3 draws, whole-layer reference) on ViT-B/16 in
                     bf16: the experiment's jitted step vs the published procedure re-implemented batched in
                     PyTorch (ablation_grid.Reference), same GPU, same batch; 50,000-image time EXTRAPOLATED from
                     the measured batches
@@ -17,6 +17,8 @@ in this order (each a "part"; `--parts` picks and orders them):
                     every timed program of this run against it (table rebuilt after every part)
   grid_rest         (b) the same grid for ViT-B/16 fp32, ResNet50 bf16 and fp32
   data              (f) JPEG decode + timm eval transform on the host's CPU cores; data- or model-bound for (b)
+  host              the host step of each experiment's pass (benchmarks/host_ceiling.py's cases, synthetic device
+                    outputs of the real shapes) on one core of the GPU machine's CPU: images per CPU-second
   receptive_fields  (d) receptive fields of all 49 ViT-B layers vs one torch.autograd.grad per layer
   forward_compile   (a) again with timm + torch.compile as a third contender (Inductor compiles for 30-60 s
                     per model and precision, so it comes last; it reuses the XLA compilation cache)
@@ -93,14 +95,14 @@ SMOKE_CONVNEXT = [(dict(depths=(1, 1, 1, 1), dims=(16, 32, 64, 128)),
 # Sizes. GPU: batches that fill an H200; smoke: the smallest that run every code path.
 FULL = dict(grid_batch=128, grid_runs=3, agreement_images=1024, forward_batch=256, forward_runs=3, forward_iters=2,
             compile_runs=3, peak_sizes="4096,8192", peak_runs=5, peak_iters=10, rf_batch=32, rf_runs=3,
-            data_images=1024, data_batch=128)
+            data_images=1024, data_batch=128, host_batch=256, host_steps=8, host_runs=3)
 SMOKE = dict(grid_batch=2, grid_runs=1, agreement_images=4, forward_batch=2, forward_runs=1, forward_iters=1,
              compile_runs=1, peak_sizes="64,128", peak_runs=1, peak_iters=2, rf_batch=1, rf_runs=1,
-             data_images=16, data_batch=8)
+             data_images=16, data_batch=8, host_batch=4, host_steps=2, host_runs=1)
 # Rough seconds a piece needs on the GPU before it gives a figure (compilation included); a piece starts only
 # with at least this much budget left. Guesses, to be replaced by the first run's `seconds`.
 NEEDS = {"grid:" + VIT_B: 75, "grid:" + RESNET50: 45, "agreement:" + VIT_B: 75, "agreement:" + RESNET50: 45,
-         "forward": 15, "forward_compile": 60, "flops": 20, "data": 25, "receptive_fields": 100}
+         "forward": 15, "forward_compile": 60, "flops": 20, "data": 25, "host": 40, "receptive_fields": 100}
 
 PART_TITLES = {
     "grid_vit_bf16": "(b) Ablation grid, ViT-B/16, bf16",
@@ -109,6 +111,7 @@ PART_TITLES = {
     "flops": "(e) Achieved FLOP/s against the matmul peak measured in this run",
     "grid_rest": "(b) Ablation grid, ViT-B/16 fp32 and ResNet50 bf16 / fp32",
     "data": "(f) Host decode + eval transform, and the bottleneck of (b)",
+    "host": "Host ceiling: the host step of each experiment's pass on one core of this machine",
     "receptive_fields": "(d) Receptive fields of every ViT-B/16 layer",
     "forward_compile": "(a) Forward throughput against timm eager and torch.compile",
 }
@@ -302,7 +305,7 @@ def agreement_one(suite: Suite, name: str) -> dict:
 
     from checkpoints_convert import convert_timm_module
     from vitsparse_jax import data, models
-    from vitsparse_jax.experiments.ablation import run as ablation
+    from vitsparse_jax.experiments.ablation import experiment as ablation
     from vitsparse_jax.experiments.ablation import units as ablation_units
 
     s = suite.size
@@ -429,6 +432,58 @@ def part_data(suite: Suite, part: dict) -> None:
         part["measured"] = data_throughput.measure(args)
 
 
+HOST_CASES = ("vit_b16_sparsity", "swin_t_sparsity", "resnet50_sparsity", "vit_b16_rf")
+
+
+def part_host(suite: Suite, part: dict) -> None:
+    """benchmarks/host_ceiling.py's cases on this machine's CPU (its new path only: the pass's real host step on
+    synthetic device outputs of the real shapes), with the main thread pinned to one core: can this host keep up
+    with the device rates measured above?"""
+    import host_ceiling as hc
+    import numpy as np
+
+    s = suite.size
+    batch, steps, rng = s["host_batch"], s["host_steps"], np.random.default_rng(0)
+    before = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+
+    def contender(case: str) -> tuple[dict, int, int]:
+        if case == "vit_b16_sparsity":
+            probe = hc.attention_probe([(14, 14)] * 12, 1, 12, norms=True)
+            return hc.sparsity_contenders(probe, hc.attention_batches(rng, probe, batch, 2), batch, steps), batch, \
+                batch * steps
+        if case == "swin_t_sparsity":
+            probe = hc.attention_probe([(56, 56)] * 2 + [(28, 28)] * 2 + [(14, 14)] * 6 + [(7, 7)] * 2, 0, 24,
+                                       norms=False)
+            return hc.sparsity_contenders(probe, hc.attention_batches(rng, probe, batch, 2), batch, steps), batch, \
+                batch * steps
+        if case == "resnet50_sparsity":
+            channels = [64] * 3 + [128] * 4 + [256] * 6 + [512] * 3
+            return (hc.sparsity_contenders(hc.channel_probe(channels), hc.channel_batches(rng, channels, batch, 2),
+                                           batch, steps), batch, batch * steps)
+        rf_batch = min(hc.RF_BATCH, batch)
+        maps = [rng.random((49, rf_batch, 224, 224), dtype=np.float32) for _ in range(2)]
+        return hc.rf_contenders(maps, rf_batch, steps), rf_batch, rf_batch * steps
+
+    def one(case: str) -> None:
+        contenders, rows, images = contender(case)
+        timed, loads = bc.interleaved({"new": contenders["new"]}, runs=s["host_runs"], work=images, warmup=1,
+                                      verbose=False)
+        t = timed["new"]
+        suite.add(part, "records", {"case": case, "batch_size": rows, "images_per_cpu_s": t.rate_per_cpu_s,
+                                    "images_per_s": t.rate, "runs": s["host_runs"], "load": loads})
+        print(f"  {case}: {t.rate_per_cpu_s:.0f} images per CPU-second (batch {rows})", flush=True)
+
+    try:
+        if before:
+            os.sched_setaffinity(0, {min(before)})   # this thread (the host step's) on one core
+        with suite.lock:
+            part["core"] = min(before) if before else None
+        suite.each(part, "host", list(HOST_CASES), one)
+    finally:
+        if before:
+            os.sched_setaffinity(0, before)
+
+
 def part_receptive_fields(suite: Suite, part: dict) -> None:
     import receptive_fields
 
@@ -446,6 +501,7 @@ PART_FNS: dict[str, Callable[[Suite, dict], None]] = {
     "grid_rest": part_grid([(VIT_B, "float32"), (RESNET50, "bfloat16"), (RESNET50, "float32")],
                            smoke_items=[(RESNET50, "float32")]),
     "data": part_data,
+    "host": part_host,
     "receptive_fields": part_receptive_fields,
     "forward_compile": part_forward(True),
 }
@@ -511,8 +567,8 @@ def render_part(name: str, part: dict, results: dict) -> str:
                            "project TFLOP/s", "project compile", "top-cell outcomes agree"], rows))
         out.append("")
         out.append("The 50,000-image times are EXTRAPOLATED from the timed images (50,000 / images per s; "
-                   "compilation and JPEG decoding excluded), not measured over 50,000 images. Grid (SPEC section "
-                   "3): the 12 cells p in {5, 10, 20, 30}% x n in {1, 2, 3}, each with the top set and 3 random "
+                   "compilation and JPEG decoding excluded), not measured over 50,000 images. Grid (the "
+                   "paper's): the 12 cells p in {5, 10, 20, 30}% x n in {1, 2, 3}, each with the top set and 3 random "
                    "draws, plus the whole-layer reference per n (3 x 17 ablated variants) and the clean pass. "
                    "Reference = the published procedure re-implemented in PyTorch (a full forward per variant, "
                    "forward hooks), batched over the same images on the same device, same precision.")
@@ -563,6 +619,14 @@ def render_part(name: str, part: dict, results: dict) -> str:
         out.append(achieved_table(results))
     elif name == "data" and part.get("measured"):
         out.append(data_text(part["measured"], results))
+    elif name == "host" and recs:
+        rows = [[r["case"], r["batch_size"], _f(r["images_per_cpu_s"]), _f(r["images_per_s"]), r["runs"],
+                 bc.load_label(r["load"])] for r in recs]
+        out.append(_table(["case", "batch", "images / CPU-second", "images / s (wall)", "runs", "load"], rows))
+        out.append("")
+        out.append(f"benchmarks/host_ceiling.py's cases (the pass's host step on synthetic device outputs of the real "
+                   f"shapes), main thread pinned to core {part.get('core')}: the rate one host core sustains, against "
+                   "the device rates above.")
     elif name == "receptive_fields" and recs:
         rows = [[SHORT.get(r["model"], r["model"]), r["layers"], r["batch_size"], r["chunk_size"],
                  _f(r["images_per_s"]["project"]), _f(r["images_per_s"]["torch_loop"]),
@@ -674,8 +738,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--perturb_seed", type=int, default=0, help="seed of tests/timm_perturb.py")
     parser.add_argument("--xla_cache_dir", default="/tmp/vitsparse_jax_xla_cache",
-                        help="jax's persistent compilation cache ('' = off; off in --smoke): the programs that "
-                             "forward_compile times again are not compiled again")
+                        help="jax's persistent compilation cache ('' = off): the programs that forward_compile "
+                             "times again are not compiled again. --smoke keeps jax's own setting instead (the "
+                             "JAX_COMPILATION_CACHE_DIR environment variable: the one cache the tests share)")
     for key, value in FULL.items():
         if isinstance(value, int):
             parser.add_argument(f"--{key}", type=int, default=None, help=f"default {value} ({SMOKE[key]} with --smoke)")
@@ -729,7 +794,7 @@ def main() -> None:
                                      versions=bc.versions_label(suite.info),
                                      perturb_seed=args.perturb_seed, settle_s=bc.SETTLE_S,
                                      xla_python_client_mem_fraction=os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION"),
-                                     xla_cache_dir=None if args.smoke else (args.xla_cache_dir or None))
+                                     xla_cache_dir=jax.config.jax_compilation_cache_dir or None)
         suite.write()
     print(f"suite: parts {parts}; budget {args.budget_s:.0f} s, {suite.left():.0f} s left after imports; "
           f"out {suite.out}", flush=True)

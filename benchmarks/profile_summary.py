@@ -177,7 +177,7 @@ def build(args):
     if args.program == "ablation":
         from ablation_grid import Reference
 
-        from vitsparse_jax.experiments.ablation import run as ablation
+        from vitsparse_jax.experiments.ablation import experiment as ablation
         from vitsparse_jax.experiments.ablation import units as ablation_units
 
         cfg = dict(info.default_cfg)
@@ -196,7 +196,7 @@ def build(args):
     if args.program == "rf":
         from receptive_fields import torch_program
 
-        from vitsparse_jax.experiments.receptive_field import run as rf
+        from vitsparse_jax.measures import gradient_fields as rf
 
         names = rf.select_layers(info, [])
         layers = tuple(rf.layer_specs(module, variables, info, names, 1.0 / 7.0, (info.img_size, info.img_size)))

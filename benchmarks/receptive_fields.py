@@ -7,7 +7,7 @@ Layers: the experiment's default set (`receptive_field.default_layers`): `embed`
 `attn`, `attn_res`, `mlp` and the block output (49 layers for a 12-block ViT); central part f = 1/7
 (2x2 of the 14x14 patch grid). Output of both: M (L, H, W) = sum over images of |d sum(Y_central) / dx|,
 summed over colour channels.
-  - project: `receptive_field.make_rf_fn`, jitted: the forward stage by stage under jax.vjp, then a reverse
+  - project: `gradient_fields.make_rf_fn`, jitted: the forward stage by stage under jax.vjp, then a reverse
     sweep over the stages that pulls back a batch of cotangents, one row per layer already reached (vmapped
     over the rows; at most `--chunk_size` rows together, one sweep per chunk of layers); the default chunk
     size of configs/receptive_field.py is 8.
@@ -64,7 +64,7 @@ def measure(args: argparse.Namespace, info: dict) -> dict:
     import numpy as np
     import torch
 
-    from vitsparse_jax.experiments.receptive_field import run as rf
+    from vitsparse_jax.measures import gradient_fields as rf
 
     device = bc.torch_device()
     model, module, variables, shared = bc.model_pair(args.model, "float32", device, args.seed,

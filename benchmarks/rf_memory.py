@@ -2,7 +2,7 @@
 
     python benchmarks/rf_memory.py --models vit_base_patch16_224,resnet50,vgg16 --batch_sizes 16,32 --chunk_sizes 4,8
 
-Compiles `receptive_field.make_rf_fn` (the experiment's default layers, f = 1/7) for abstract inputs, runs
+Compiles `gradient_fields.make_rf_fn` (the experiment's default layers, f = 1/7) for abstract inputs, runs
 nothing, and prints `compiled.memory_analysis()`: temporary buffers (activations, cotangents, workspace),
 arguments (weights + images) and outputs, on the default jax backend. Compile time grows with the model
 (ViT-B: about 15 s per row on 2 CPU cores).
@@ -30,7 +30,7 @@ def main() -> None:
     import jax
     import jax.numpy as jnp
 
-    from vitsparse_jax.experiments.receptive_field import run as rf
+    from vitsparse_jax.measures import gradient_fields as rf
 
     bc.print_table_head(["model (layers)", "batch", "chunk_size", "temporary GiB", "arguments GiB", "output GiB"])
     for name in args.models.split(","):

@@ -39,7 +39,7 @@ def child(args: argparse.Namespace) -> None:
         fn = jax.jit(lambda v, x: module.apply(v, x)[0])
         call_args = (variables, jax.device_put(bc.normalized_nhwc(bc.random_images(b, size, args.seed))))
     else:
-        from vitsparse_jax.experiments.ablation import run as ablation
+        from vitsparse_jax.experiments.ablation import experiment as ablation
         from vitsparse_jax.experiments.ablation import units as ablation_units
 
         plan = ablation_units.make_plan(module, ps=(0.05, 0.1, 0.2, 0.3), ns=(1, 2, 3), draws=3, whole_layer=False)

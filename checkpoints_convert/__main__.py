@@ -21,7 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--from-file", default=None, help="local .safetensors/.pth/.bin instead of the hub; a "
                         "config.json next to it (hub snapshot) supplies the pretrained_cfg")
     parser.add_argument("--num-classes", type=int, default=None,
-                        help="classifier size of the weights when the pretrained_cfg does not say (0 = headless)")
+                        help="0: drop the file's classifier (keep the pooled features, as timm's num_classes=0); "
+                        "otherwise the classifier is the one the file holds (read from its tensors)")
     parser.add_argument("--cache-dir", default=None, help="Hugging Face cache folder (default: HF_HUB_CACHE)")
     return parser
 
@@ -60,8 +61,6 @@ def _report(e: Exception, args: argparse.Namespace, prog: str) -> int:
                 ".safetensors/.pth/.bin file? Download or copy it again")
     elif errors.is_user_error(e):
         text = errors.message(e)
-        if args.from_file is not None and str(args.from_file) in text and "again" not in text:
-            text += "; is the file complete? Download or copy it again"
     else:
         raise e
     print(f"{prog}: error: {text}", file=sys.stderr, flush=True)

@@ -87,7 +87,10 @@ def convert(name: str, out_dir: str | Path, *, from_file: str | Path | None = No
     """Converts `arch[.tag]` from the hub, or from `from_file`, and writes it to `out_dir`.
 
     The tag defaults to the arch's default tag (hub) or the snapshot's / 'local' (file). A `config.json` next
-    to `from_file` (a hub snapshot) supplies the pretrained_cfg. Returns the .safetensors path.
+    to `from_file` (a hub snapshot) supplies the pretrained_cfg. The weights are kept as the file holds them: its
+    classifier (`num_classes=0` drops it) and, for a ViT, its position embedding's grid, whose image size the
+    JSON records as `input_size` (a DeiT fine-tuned at 160 px stays at 160 px; `img_size=` resamples it once).
+    Returns the .safetensors path.
     """
     arch, tag = models.split_name(name)
     models.create_model(arch)   # unknown arch: ValueError with suggestions
@@ -102,6 +105,7 @@ def convert(name: str, out_dir: str | Path, *, from_file: str | Path | None = No
             raise ValueError(f"{arch} has no default tag; name one: {arch}.<tag>")
         pretrained.check_tag(arch, tag)
         files = hub.download(arch, tag, cache_dir)
+        hub.check_download(files, arch, tag)   # a damaged download: which folder to delete
         weights, hub_config, source = files.weights, files.config, f"hf-hub:{files.repo_id}@{files.revision}"
     cfg = resolve_cfg(arch, tag, hub_config)
     tag = tag or ((hub_config or {}).get("pretrained_cfg") or {}).get("tag") or "local"

@@ -5,7 +5,8 @@ that `vitsparse_jax.models.list_models()` registers and timm knows.
     python -m checkpoints_convert.make_cfg_table --check    # exit 1 when the shipped table differs from timm
 
 The table lets untrained and offline runs know each tag's preprocessing and classifier (input size,
-crop_pct, crop_mode, interpolation, mean, std, num_classes) and its Hugging Face repository, without timm.
+crop_pct, crop_mode, interpolation, mean, std, num_classes, timm's classifier module), its licence and its
+Hugging Face repository (hf_hub_id, hf_hub_filename), without timm.
 It is data-driven over the model registry: adding a family to vitsparse_jax.models and re-running this
 script is all it takes. tests/test_hub_cfg_table.py checks the shipped table against timm's registry.
 """
@@ -25,7 +26,7 @@ HUB_KEYS = ("hf_hub_id", "hf_hub_filename")
 
 
 def tag_entry(cfg: Any) -> dict[str, Any]:
-    """One tag's row: pretrained.CFG_KEYS (less 'tag') and its hub location, JSON types."""
+    """One tag's row: pretrained.CFG_KEYS (less 'tag'; hf_hub_id among them) and hf_hub_filename, JSON types."""
     cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
     row = pretrained.clean_cfg(cfg)
     row.pop("tag", None)

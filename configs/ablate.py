@@ -5,7 +5,7 @@
   python -m vitsparse_jax.main --config=configs/ablate.py \
       --config.model=swin_tiny_patch4_window7_224 --config.ablation.p=0.05,0.1 --config.ablation.n=1,2
 
-Switches (SPEC section 3) are in `config.ablation`; docs/ablation.md explains each.
+Switches (docs/science.md#ablation-units) are in `config.ablation`; docs/ablation.md explains each.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import ml_collections
 
 from vitsparse_jax.runtime.config_defaults import base_config
 
-# The paper's models with the pinned pretrained tags of SPEC section 1 (Table 1: Transformers, Table 2: CNNs).
+# The paper's models with the pinned pretrained tags of docs/science.md#models (Table 1: Transformers, Table 2: CNNs).
 PAPER_MODELS = (
     "vit_tiny_patch16_224.augreg_in21k_ft_in1k",
     "vit_small_patch16_224.augreg_in21k_ft_in1k",
@@ -54,8 +54,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     ab.bootstrap = 1000             # bootstrap resamples over images for the intervals
     ab.confidence = 0.95            # interval level; psi is flagged 'n.s.' when A0 - A_r's interval reaches 0
     ab.variant_batch = 0            # variants evaluated at once (0 = all, vmapped); lower it to save memory
-    ab.figure_models = ""           # models in Figure 4a ('' = all)
-    ab.figure_b_model = ""          # model of Figure 4b ('' = the first)
+    ab.figure_models = ""           # models in Figure 4a ('' = all; an arch = every listed tag of it, arch.tag = one)
+    ab.figure_b_model = ""          # model of Figure 4b ('' = the first; an arch = a panel per listed tag of it)
     ab.stop_after_batches = 0       # stop as if interrupted after this many batches (tests of resuming)
     ab.explore_images = 4           # report.html explorer: the first k images evaluated, what each variant dropped
                                     # and its prediction (0 = no explorer)

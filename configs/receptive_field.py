@@ -1,4 +1,4 @@
-"""Gradient receptive fields of every layer and their locality (paper 2; SPEC section 5).
+"""Gradient receptive fields of every layer and their locality (paper 2; docs/science.md#receptive-fields).
 
   python -m vitsparse_jax.main --config=configs/receptive_field.py          # built-in vit_pico, trained + untrained
   python -m vitsparse_jax.main --config=configs/receptive_field.py:paper    # paper 2's five models on ImageNet
@@ -14,7 +14,7 @@ import ml_collections
 
 from vitsparse_jax.runtime.config_defaults import base_config
 
-# Paper 2's models (SPEC section 1): ViT-B 21k, DINO ViT-S/16 and ViT-B/16, ResNet50, VGG16.
+# Paper 2's models (docs/science.md#models): ViT-B 21k, DINO ViT-S/16 and ViT-B/16, ResNet50, VGG16.
 PAPER_MODELS = ("vit_base_patch16_224.augreg_in21k", "vit_small_patch16_224.dino", "vit_base_patch16_224.dino",
                 "resnet50.tv_in1k", "vgg16.tv_in1k")
 

@@ -15,7 +15,7 @@ import ml_collections
 from vitsparse_jax.runtime.config_defaults import BUILTIN_CNN, base_config
 
 PRESETS = ("default", "vgg", "paper", "paper_quirk", "registers")
-# SPEC sec. 7: DINOv2 small without and with registers, and two supervised ViTs for contrast.
+# docs/science.md#high-norm-tokens: DINOv2 small without and with registers, and two supervised ViTs for contrast.
 REGISTER_MODELS = ("vit_small_patch14_dinov2.lvd142m", "vit_small_patch14_reg4_dinov2.lvd142m",
                    "vit_base_patch16_224.augreg_in21k_ft_in1k", "deit_base_patch16_224.fb_in1k")
 
@@ -29,14 +29,16 @@ def sparsity_section() -> ml_collections.ConfigDict:
     s.explore_images = 4         # report.html's attention explorer: this many images from example_index on (0: none)
     s.top_fraction = 0.05        # Fig. 3b: top k = round(top_fraction * patches) columns of the last block
     s.top_by = "head_mean"       # Fig. 3b ranks mu (mean over heads) | 'head_index': mu_h of `top_head`
-    s.top_head = 1               # ... the published code ranked head index 1 (SPEC sec. 4)
+    s.top_head = 1               # ... the published code ranked head index 1 (docs/science.md#sparsity-statistics)
     s.nu_min = 0.0               # histograms of nu = -log10(mu) (CNN: -log10 of a channel's l1 share): lower end
     s.nu_max = 8.0               # upper end of the nu histograms (values outside are counted, not binned)
     s.nu_bins = 800              # bins of the nu histograms between nu_min and nu_max (0.01 wide: narrow peaks show)
     s.top_fractions = (0.05, 0.1, 0.2, 0.3)   # share of the total held by the top p units (CNN channels,
                                                # attention patch columns), per layer / block
-    s.token_norms = True         # SPEC sec. 7 (ViTs): token norms, high-norm tokens vs the top-5% mu columns
+    s.token_norms = True         # ViTs: token norms, high-norm tokens vs the top-5% mu columns (docs/science.md)
     s.norm_factor = 2.0          # a high-norm patch token: norm > norm_factor x the image's median patch norm
+    s.distance_renormalize = False   # attention distance per block and head (distances.csv): False = as the published
+                                     # code (prefix keys add no distance); True = each row divided by its patch-key mass
     s.per_image = False          # also write per_image.npz: each image's last-block mu, top columns, token norms
     s.models = ""                # comma-separated models measured on the same images ('' = config.model);
                                  # several give per-model folders under models/ and comparison figures
@@ -66,8 +68,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             config.sparsity.top_by = "head_index"
             config.workdir = "runs/sparsity_paper_quirk"
     elif preset == "registers":
-        # SPEC sec. 7: sparse columns vs high-norm tokens, with and without registers, on the same images
-        # (ImageNet validation by default; any --config.data.* works).
+        # docs/science.md#high-norm-tokens: sparse columns vs high-norm tokens, with and without registers, on
+        # the same images (ImageNet validation by default; any --config.data.* works).
         config.sparsity.models = ",".join(REGISTER_MODELS)
         config.weights = "auto"
         config.data.source = "tfds"

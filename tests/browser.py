@@ -109,6 +109,59 @@ def open_report(browser_context: Any) -> Iterator[Callable[[Path], ReportPage]]:
         pytest.fail("report.html logged errors:\n" + "\n".join(problems))
 
 
+def cell_colours(page: Any, canvas_id: str, h: int, w: int) -> list[list[int]]:
+    """The RGB of the centre pixel of every cell of an (h, w) grid drawn on canvas #canvas_id, row-major."""
+    return page.evaluate("""([id, h, w]) => { const c = document.getElementById(id), g = c.getContext('2d'), out = [];
+        for (let r = 0; r < h; r++) for (let q = 0; q < w; q++) {
+          const x = Math.floor((q + 0.5) * c.width / w), y = Math.floor((r + 0.5) * c.height / h);
+          const d = g.getImageData(x, y, 1, 1).data;
+          out.push([d[0], d[1], d[2]]); }
+        return out; }""", [canvas_id, h, w])
+
+
+def colour_bar_fit(page: Any, colours: list[list[int]], cmap: str) -> list[tuple[float, float]]:
+    """For each RGB: (distance to the nearest colour of the page's colour map `cmap`, its position t in [0, 1])
+    over 1001 samples of `vj.color`; a distance of a few units = a colour of the bar."""
+    return [tuple(x) for x in page.evaluate("""([rgbs, cmap]) => rgbs.map(p => { let best = [1e9, 0];
+        for (let i = 0; i <= 1000; i++) { const c = vj.color(cmap, i / 1000);
+          const d = Math.hypot(c[0] - p[0], c[1] - p[1], c[2] - p[2]); if (d < best[0]) best = [d, i / 1000]; }
+        return best; })""", [colours, cmap])]
+
+
+def distance_chart(page: Any) -> dict[str, Any]:
+    """The sparsity explorer's attention-distance chart (#sparsity-dist, an SVG) as drawn: per head h the values
+    its bars show, read off their geometry against the axis (`all`, `central`: distances in px; `prefix`: mass,
+    against the 0..1 strip), the uniform lines' values, the selected head, and the axis (px per unit, baseline).
+    Fails unless every bar stands on its baseline."""
+    raw = page.evaluate("""() => { const s = document.getElementById('sparsity-dist'), out = {rects: {}, lines: {}};
+        out.ticks = Array.from(s.querySelectorAll('.sparsity-dist-tick')).map(
+            t => [+t.dataset.value, +t.getAttribute('y') - 4]);
+        s.querySelectorAll('rect[id]').forEach(r => { out.rects[r.id] = ['x', 'y', 'width', 'height'].map(
+            a => +r.getAttribute(a)); });
+        s.querySelectorAll('line[id]').forEach(l => { out.lines[l.id] = +l.getAttribute('y1'); });
+        out.block = +s.dataset.block; out.source = s.dataset.source; out.image = +s.dataset.image;
+        return out; }""")
+    (zero, base), (top, y_top) = min(raw["ticks"]), max(raw["ticks"])
+    assert zero == 0 and top > 0
+    k = (base - y_top) / top                                    # px per px of distance
+    out: dict[str, Any] = {"all": {}, "central": {}, "prefix": {}, "x": {}, "k": k, "baseline": base, "block": raw["block"],
+                           "source": raw["source"], "image": raw["image"], "top": top,
+                           "selected": raw["rects"].get("sparsity-dist-selected")}
+    frame = raw["rects"].get("sparsity-dist-prefix-frame")
+    for name, (x, y, w, h) in raw["rects"].items():
+        parts = name.split("-")
+        if name.startswith("sparsity-dist-bar-"):              # sparsity-dist-bar-{all|central}-{h}
+            assert y + h == pytest.approx(base, abs=1e-6), name
+            out[parts[3]][int(parts[4])] = h / k
+            if parts[3] == "all":
+                out["x"][int(parts[4])] = x
+        elif name.startswith("sparsity-dist-prefix-") and parts[3].isdigit():
+            assert frame is not None and y + h == pytest.approx(frame[1] + frame[3], abs=1e-6), name
+            out["prefix"][int(parts[3])] = h / frame[3]
+    out["uniform"] = {s: (base - raw["lines"][f"sparsity-dist-uniform-{s}"]) / k for s in ("all", "central")}
+    return out
+
+
 def screenshot(rp: ReportPage, selector: str, name: str) -> Path | None:
     """Saves a screenshot of `selector` as `$VITSPARSE_JAX_SCREENSHOTS/<name>` (the docs' images:
     VITSPARSE_JAX_SCREENSHOTS=docs/img python -m pytest tests/test_browser_sparsity.py); nothing when unset."""

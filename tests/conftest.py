@@ -26,3 +26,21 @@ def rng() -> np.random.Generator:
 
 # Browser fixtures for report.html (headless system Chromium via playwright; see tests/browser.py).
 from tests.browser import browser_context, open_report  # noqa: E402, F401
+# Finished tiny runs (sparsity, ablation, receptive fields, locality) shared by the session; see tests/shared_runs.py.
+from tests.shared_runs import finished_runs  # noqa: E402, F401
+
+
+# The summed test time (setup + call + teardown of every test, over all xdist workers) under the summary, beside
+# pytest's wall time: CI stays under 15 minutes of wall time on an idle 2-core machine (.ci/run).
+_SUMMED = {"seconds": 0.0, "tests": 0}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    _SUMMED["seconds"] += report.duration
+    _SUMMED["tests"] += report.when == "call"
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if _SUMMED["tests"]:
+        terminalreporter.write_line(f"summed test time: {_SUMMED['seconds']:.0f} s over {_SUMMED['tests']} tests "
+                                    "(setup + call + teardown, all workers)")

@@ -1,6 +1,6 @@
 """Ablated logits against an independent PyTorch/timm implementation of the same drops (random weights).
 
-Cases: ViT, distilled DeiT, Swin, VGG, ResNet, and one model of every SPEC section 6 family (DeiT III, DINOv2
+Cases: ViT, distilled DeiT, Swin, VGG, ResNet, and one model of every newer family (DeiT III, DINOv2
 with registers, CLIP, SigLIP, a registers + average-pool ViT, ConvNeXt channels / positions).
 
 timm side: forward hooks zero the post-softmax attention columns (`attn.attn_drop` output, fused attention
@@ -29,7 +29,7 @@ timm = pytest.importorskip("timm")
 from checkpoints_convert import convert_timm_module  # noqa: E402
 from tests.timm_perturb import perturb  # noqa: E402
 from vitsparse_jax import models  # noqa: E402
-from vitsparse_jax.experiments.ablation import run as ablation
+from vitsparse_jax.experiments.ablation import experiment as ablation
 from vitsparse_jax.experiments.ablation import units as au
 
 TOL = 1e-5
@@ -55,7 +55,7 @@ class Case:
     apply_keep: Callable[[str, Any, np.ndarray], Any]         # (site, output, (B, U) keep) -> output
 
 
-# SPEC section 6 ViT families at pico size: (timm VisionTransformer kwargs, our overrides of vit_pico_patch4_32)
+# The newer ViT families at pico size: (timm VisionTransformer kwargs, our overrides of vit_pico_patch4_32)
 VIT_FAMILIES = {
     "deit3": (dict(no_embed_class=True, init_values=1e-6), dict(no_embed_class=True, init_values=1e-6)),
     "dinov2_reg4": (dict(reg_tokens=4, no_embed_class=True, init_values=1e-5),

@@ -14,7 +14,7 @@ import pytest
 
 from vitsparse_jax import data, main, models
 from vitsparse_jax.experiments.ablation import report as ablation_report
-from vitsparse_jax.experiments.ablation import run as ablation
+from vitsparse_jax.experiments.ablation import experiment as ablation
 from vitsparse_jax.runtime import parallel, resumable
 from vitsparse_jax.runtime.workdir import Workdir
 from vitsparse_jax.weights import checkpoint
@@ -23,8 +23,8 @@ from vitsparse_jax.weights.checkpoint import CheckpointError
 ROOT = Path(__file__).resolve().parents[1]
 VIT = "vit_pico_patch4_32"
 RUN = "vit_pico_patch4_32.random"          # the per-model folder of a run
-OUTPUTS = ("results.json", "results.csv", "tables.md", "report.md", "figure4a.png", "figure4a.pdf",
-           "figure4b.png", "figure4b.pdf", "config.json", "versions.json")
+OUTPUTS = ("results.json", "results.csv", "tables.md", "report.md", "figure4a.png", "figure4b.png",
+           "config.json", "versions.json")
 
 
 def get_config(arg: str | None = None):
@@ -153,6 +153,10 @@ def test_a_run_writes_every_output(finished):
     tables = (workdir / "tables.md").read_text()
     assert "Table 1: Transformer models" in tables and "Table 2" not in tables
     assert "p = 10%: A_t / A_r / ψ" in tables
+    from vitsparse_jax import science   # the report's definitions, from docs/science.md's source, and the version
+    keys = ["preprocessing", "vit_units", "prefix_mass", "accuracies", "psi", "whole_layer"]
+    assert "\n".join(science.report_block(keys)) in (workdir / "report.md").read_text()
+    assert f"vitsparse_jax {science.version()}" in (workdir / "report.html").read_text()
     csv = (workdir / "results.csv").read_text().splitlines()
     assert len(csv) == 1 + 4 and csv[0].startswith("model,tag,family,n,p,k")
 
@@ -222,7 +226,7 @@ def test_several_models_go_into_one_table_and_finished_models_are_not_rerun(weig
 def test_a_saved_run_with_another_config_is_refused(finished, weights, tmp_path):
     shutil.copytree(finished[0], tmp_path / "other")
     config = small_config(tmp_path / "other", weights, draws=3)
-    with pytest.raises(ValueError, match="different config"):
+    with pytest.raises(ValueError, match=r"another config \(ablation.draws: 2 -> 3\)"):
         main.run(config)
 
 

@@ -1,4 +1,4 @@
-"""Ablation units, ranking, counting and masks against NumPy (SPEC section 3); small untrained models."""
+"""Ablation units, ranking, counting and masks against NumPy (docs/science.md#ablation-units); small models."""
 from __future__ import annotations
 
 import functools
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from vitsparse_jax import models
-from vitsparse_jax.experiments.ablation import run as ablation
+from vitsparse_jax.experiments.ablation import experiment as ablation
 from vitsparse_jax.experiments.ablation import units as au
 
 PS = (0.05, 0.1, 0.2, 0.3)

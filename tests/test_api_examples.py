@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.random_weights import zero_variables   # the order of aux does not depend on the values
 from vitsparse_jax import data, models
 from vitsparse_jax.data import DigitsSource, decode_image
 from vitsparse_jax.weights import load_model
@@ -29,19 +30,34 @@ def digit_dir(tmp_path, monkeypatch):
     return tmp_path
 
 
+EXAMPLES = (("1. Attention maps of an image", 'capture="blocks.*.attn.probs"'),
+            ("2. An ablated forward pass with a mask", "masks={last: keep}"),
+            ("3. The receptive field of one layer", "jax.grad(central_sum)"))
+
+
 def test_api_doc_has_the_three_examples():
-    assert len(_examples()) == 3
+    """The doc's python blocks are exactly the three examples, each under its own numbered section and doing
+    what its title says (the call it is about); test_api_example_runs runs them and checks what they print."""
+    sections = re.split(r"^## ", API_DOC.read_text(), flags=re.M)[1:]   # 'title\n...' of every section
+    found = [(text.splitlines()[0], re.findall(r"```python\n(.*?)```", text, re.S)) for text in sections]
+    with_code = [(title, blocks) for title, blocks in found if blocks]
+    assert [title for title, _ in with_code] == [title for title, _ in EXAMPLES]
+    for (title, blocks), (_, call) in zip(with_code, EXAMPLES):
+        assert len(blocks) == 1 and call in blocks[0], title
+    assert [blocks[0] for _, blocks in with_code] == _examples()          # no block outside those sections
 
 
 @pytest.mark.parametrize("index", range(3))
-def test_api_example_runs(index, digit_dir, capsys):
+def test_api_example_runs(index, tmp_path, monkeypatch, capsys):
+    """Each example, as written, from an empty folder: it needs no file the docs do not explain."""
+    monkeypatch.chdir(tmp_path)
     code = _examples()[index]
     exec(compile(code, f"docs/api.md example {index + 1}", "exec"), {"__name__": f"api_example_{index}"})
     out = capsys.readouterr().out
     if index == 0:
         names = re.findall(r"^(blocks\.\d+)\.attn\.probs", out, re.M)
         assert names == [f"blocks.{l}" for l in range(6)]              # forward order
-        assert "predicted class:" in out and (digit_dir / "attention.png").stat().st_size > 0
+        assert "predicted class:" in out and (tmp_path / "attention.png").stat().st_size > 0
     elif index == 1:
         dropped = re.search(r"dropped columns: \[(.*)\]", out).group(1).split(",")
         assert len(dropped) == 5 and all(int(c) >= 1 for c in dropped)   # never the class token
@@ -53,8 +69,8 @@ def test_api_example_runs(index, digit_dir, capsys):
 
 def test_api_receptive_field_matches_the_experiment(digit_dir):
     """Example 3's gradient is the experiment's receptive-field map of the same layer and central region."""
-    from vitsparse_jax.experiments.receptive_field import grad as rf_grad
-    from vitsparse_jax.experiments.receptive_field import locality
+    from vitsparse_jax.measures import gradient_fields as rf_grad
+    from vitsparse_jax.measures import locality
 
     m = load_model("vit_pico_patch4_32", weights="builtin")
     x = data.load_images(["digit.png"], m.pretrained_cfg)
@@ -77,7 +93,7 @@ def test_api_receptive_field_matches_the_experiment(digit_dir):
 def test_aux_is_in_forward_order_under_jit():
     module = models.create_model("vit_pico_patch4_32", depth=12)
     info = models.model_info(module)
-    variables = models.init_untrained(module, 0)
+    variables = zero_variables(module)
     x = jnp.zeros((1, 32, 32, 3))
     for fn in (module.apply, jax.jit(module.apply, static_argnames="capture")):
         _, aux = fn(variables, x, capture=("blocks.*.attn.probs", "norm", "embed"))
@@ -97,7 +113,7 @@ def test_aux_is_in_forward_order_under_jit():
 def test_cnn_aux_is_in_forward_order(family):
     module = models.create_model(family)
     info = models.model_info(module)
-    _, aux = jax.jit(module.apply, static_argnames="capture")(models.init_untrained(module, 0),
+    _, aux = jax.jit(module.apply, static_argnames="capture")(zero_variables(module),
                                                               jnp.zeros((1, 32, 32, 3)), capture=("*",))
     assert list(aux) == list(info.capture_names)
 
@@ -135,6 +151,11 @@ def test_batches_without_a_mesh():
     got = list(data.batches(src, cfg, 4 * jax.device_count()))
     assert sum(int(b["valid"].sum()) for b in got) == 10
     assert got[0]["image"].shape == (4 * jax.device_count(), 32, 32, 3)
+
+
+def test_docs_use_the_shipped_image_not_an_unexplained_file():
+    for doc in (API_DOC, README):
+        assert "digit.png" not in doc.read_text() and "data.example_image()" in doc.read_text(), doc.name
 
 
 def test_readme_attention_example_uses_num_prefix_tokens():

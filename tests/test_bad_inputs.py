@@ -3,9 +3,18 @@
 For each case: a non-zero exit status (2: a user error), a message that names the offending field, file
 or value and says what to do, no traceback (that is for internal errors and --verbose), and no result
 file written. Issue 16 point 3 and issue 17 point 1.
+
+The cases run in this process: `vitsparse_jax.main.cli(argv)` and `checkpoints_convert.__main__.main(argv)`
+are the command lines without the interpreter around them (same parsing, messages and exit statuses). The
+process-level contract is proven once per exit status in a fresh interpreter (`python -m ...`): 2 (a user
+error), 1 (an internal error, with its traceback) and 75 (stop_after_batches) here, 130 and 143 (SIGINT and
+SIGTERM during a run, the state saved) in tests/test_multihost_stop.py.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import io
 import os
 import shutil
 import subprocess
@@ -36,6 +45,50 @@ def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "VITSPARSE_JAX_VERBOSE"}
     env.update(JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", XLA_FLAGS="--xla_force_host_platform_device_count=4")
     return env
+
+
+@pytest.fixture(autouse=True)
+def _in_process(monkeypatch):
+    """The commands' working directory (their configs/*.py paths are relative to it), without --verbose."""
+    monkeypatch.chdir(ROOT)
+    monkeypatch.delenv("VITSPARSE_JAX_VERBOSE", raising=False)
+
+
+@dataclasses.dataclass
+class Finished:
+    """What a command left: its exit status and output (the fields of subprocess.CompletedProcess)."""
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def in_process(command: Callable[[list[str]], int], argv: list[str]) -> Finished:
+    """`command(argv)` (a command line's entry point) with its output captured."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            status = command(argv)
+        except SystemExit as e:                 # argparse: a usage error or --help
+            status = e.code if isinstance(e.code, int) else 1
+    return Finished(status, out.getvalue(), err.getvalue())
+
+
+def main_cli(*args: str) -> Finished:
+    """`python -m vitsparse_jax.main <args>`, in this process."""
+    from vitsparse_jax.main import cli
+
+    return in_process(cli, ["vitsparse_jax.main", *args])
+
+
+def main_argv(experiment: str, args: list[str], tmp_path: Path) -> list[str]:
+    return [f"--config={CONFIGS[experiment]}", f"--config.workdir={tmp_path / 'run'}", "--config.progress=False",
+            *SMALL[experiment], *args]
+
+
+def python_m(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`python -m <args>` in a fresh interpreter (the process-level cases)."""
+    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env or _env(), capture_output=True,
+                          text=True, timeout=300, check=False)
 
 
 # --- helpers that make broken inputs ----------------------------------------------------------------------
@@ -133,7 +186,7 @@ CASES: list[Case] = [
     ("field of a value", "ablate", ["--config.seed.x=1"], ["--config.seed.x", "not a section"]),
     ("wrong type", "ablate", ["--config.data.num_images=abc"], ["--config.data.num_images=abc", "--helpshort"]),
     ("missing config file", "ablate", ["--config=configs/ablation.py"], ["configs/ablation.py", "No such file",
-                                                                         "--config=configs/ablate.py"]),
+                                                                         "--config=ablate", "ablate:paper"]),
     ("unknown preset", "ablate", ["--config=configs/ablate.py:papr"], ["'papr'", "'paper'"]),
     ("unknown experiment", "ablate", ["--config.experiment=ablation"], ["'ablation'", "ablate, sparsity"]),
     # models and weights
@@ -197,13 +250,12 @@ CASES: list[Case] = [
 ]
 
 
-def run_cli(experiment: str, args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "vitsparse_jax.main", f"--config={CONFIGS[experiment]}",
-           f"--config.workdir={tmp_path / 'run'}", "--config.progress=False", *SMALL[experiment], *args]
-    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300, check=False)
+def run_cli(experiment: str, args: list[str], tmp_path: Path) -> Finished:
+    """The experiment's command line (small), in this process."""
+    return main_cli(*main_argv(experiment, args, tmp_path))
 
 
-def assert_user_error(proc: subprocess.CompletedProcess, expected: list[str], outputs: list[Path]) -> None:
+def assert_user_error(proc: Finished | subprocess.CompletedProcess, expected: list[str], outputs: list[Path]) -> None:
     err = proc.stderr
     assert proc.returncode == 2, f"status {proc.returncode}\n{err[-3000:]}"
     assert "Traceback" not in err, err[-3000:]
@@ -222,23 +274,56 @@ def test_a_user_error_is_one_message_without_traceback_and_writes_nothing(tmp_pa
                                                                            expected):
     args = args(tmp_path) if callable(args) else args
     if any(a.startswith("--config=") for a in args):      # the case replaces the config file
-        cmd_args = [a for a in args]
-        proc = subprocess.run([sys.executable, "-m", "vitsparse_jax.main", *cmd_args,
-                               f"--config.workdir={tmp_path / 'run'}"], cwd=ROOT, env=_env(), capture_output=True,
-                              text=True, timeout=300, check=False)
+        proc = main_cli(*args, f"--config.workdir={tmp_path / 'run'}")
     else:
         proc = run_cli(experiment, args, tmp_path)
     expected = [e.replace("empty", str(tmp_path / "empty")) if e == "empty" else e for e in expected]
     assert_user_error(proc, expected, [tmp_path / "run", tmp_path / "afile"])
 
 
-def test_verbose_shows_the_traceback(tmp_path):
-    proc = run_cli("ablate", ["--config.data.num_images=-5", "--verbose"], tmp_path)
-    assert proc.returncode != 0 and "Traceback" in proc.stderr and "data.num_images" in proc.stderr
-    env = dict(_env(), VITSPARSE_JAX_VERBOSE="1")
-    cmd = [sys.executable, "-m", "vitsparse_jax.main", "--config=configs/ablate.py", "--config.ablation.pp=1"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode != 0 and "Traceback" in proc.stderr
+def test_verbose_shows_the_traceback(tmp_path, monkeypatch):
+    """--verbose (or VITSPARSE_JAX_VERBOSE=1) lets the error out of the command line: python -m prints its
+    traceback (the status-1 case below is that path)."""
+    with pytest.raises(ValueError, match="data.num_images"):
+        run_cli("ablate", ["--config.data.num_images=-5", "--verbose"], tmp_path)
+    monkeypatch.setenv("VITSPARSE_JAX_VERBOSE", "1")
+    with pytest.raises(AttributeError, match="pp"):      # the unknown field, as the config library raises it
+        main_cli("--config=configs/ablate.py", "--config.ablation.pp=1")
+
+
+# --- the process: one case per exit status in a fresh interpreter ------------------------------------------
+
+def test_a_user_error_exits_2_with_one_message_and_no_traceback(tmp_path):
+    proc = python_m("vitsparse_jax.main", *main_argv("ablate", ["--config.data.num_images=-5"], tmp_path))
+    assert_user_error(proc, ["data.num_images", ">= 0", "-5"], [tmp_path / "run"])
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ")   # the last line: nothing after it
+
+
+def test_an_internal_error_exits_1_with_its_traceback(tmp_path):
+    """An error that is not the user's input (here jax refusing an unknown platform): status 1, the traceback."""
+    proc = python_m("vitsparse_jax.main", *main_argv("ablate", [], tmp_path), env=dict(_env(), JAX_PLATFORMS="none"))
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback (most recent call last)" in proc.stderr and "RuntimeError" in proc.stderr, proc.stderr[-3000:]
+    assert "Unable to initialize backend 'none'" in proc.stderr
+
+
+def test_stop_after_batches_exits_75_with_the_state_saved_and_the_log_on_stderr(tmp_path):
+    """A run stopped on request (stop_after_batches): status 75 (EX_TEMPFAIL), one line that says where the
+    state is and how to continue, no traceback; the pass's log lines reach stderr, jax's TPU probing does not."""
+    from vitsparse_jax.runtime.workdir import Workdir
+
+    args = ["--config.data.num_images=16", "--config.data.batch_size=8", "--config.ablation.stop_after_batches=1"]
+    proc = python_m("vitsparse_jax.main", *main_argv("ablate", args, tmp_path))
+    assert proc.returncode == 75, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    state = tmp_path / "run" / VIT
+    assert last.startswith("stopped (stop_after_batches) at image 8 of 16") and str(state) in last, last
+    assert "run the same command again to continue" in last
+    assert "images 0..16 of 16" in proc.stderr                              # absl's log, on stderr
+    assert "libtpu" not in proc.stderr and "Unable to initialize backend" not in proc.stderr
+    assert Workdir(state).load_state()[1]["next_index"] == 8
+    assert not (tmp_path / "run" / "results.json").exists()
 
 
 def test_a_workdir_in_use_is_refused_naming_the_holder(tmp_path):
@@ -252,9 +337,11 @@ def test_a_workdir_in_use_is_refused_naming_the_holder(tmp_path):
 
 # --- the converter ------------------------------------------------------------------------------------------
 
-def convert(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "checkpoints_convert", *args]
-    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300, check=False)
+def convert(tmp_path: Path, *args: str) -> Finished:
+    """`python -m checkpoints_convert <args>`, in this process."""
+    from checkpoints_convert.__main__ import main as convert_main
+
+    return in_process(convert_main, list(args))
 
 
 def _bad_pth(t: Path) -> Path:
@@ -282,6 +369,9 @@ CONVERTER_CASES = [
 
 
 @pytest.mark.parametrize("name, args, expected", CONVERTER_CASES, ids=[c[0] for c in CONVERTER_CASES])
-def test_converter_user_errors(tmp_path, name, args, expected):
+def test_converter_user_errors(tmp_path, monkeypatch, name, args, expected):
+    from vitsparse_jax.weights import hub
+
+    monkeypatch.setattr(hub, "offline", lambda: True)   # HF_HUB_OFFLINE=1 (read once, at import) in this process
     proc = convert(tmp_path, *args(tmp_path))
     assert_user_error(proc, expected, [tmp_path / "out"])

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from configs import sparsity as sparsity_config
-from tests.browser import page_data, screenshot
+from tests.browser import cell_colours, colour_bar_fit, distance_chart, page_data, screenshot
 from vitsparse_jax import data
 from vitsparse_jax.experiments.sparsity import explorer
-from vitsparse_jax.experiments.sparsity import run as sparsity
+from vitsparse_jax.experiments import driver
 from vitsparse_jax.report_html.page import decode_array
 from vitsparse_jax.runtime import parallel
 from vitsparse_jax.runtime.workdir import Workdir
@@ -36,7 +36,7 @@ def swin_run(tmp_path_factory):
     config.sparsity.example_index = 0
     workdir = tmp_path_factory.mktemp("sparsity_swin_html")
     source = data.subset(data.DigitsSource("test"), num_images=IMAGES)
-    summary = sparsity.measure(config, Workdir(workdir), loaded, source, parallel.make_mesh())
+    summary = driver.execute(config, Workdir(workdir), loaded=[loaded], source=source, mesh=parallel.make_mesh())
     return loaded, source, summary, workdir / "report.html"
 
 
@@ -150,3 +150,76 @@ def test_the_swin_explorer_in_the_browser(swin_run, open_report):
     assert root.get_attribute("data-image") == "2"
     row.click(position={"x": size["width"] * 0.5 / 8, "y": size["height"] * 3.5 / 8})   # a wrapped window
     screenshot(rp, "#sparsity-explorer", "explorer_sparsity_swin.png")
+
+
+def test_a_window_of_near_equal_values_takes_the_top_colour(swin_run, open_report):
+    """Stage 1 of the untrained model: one window of 16 tokens whose rows are all about 1/16, so their stored
+    values differ by a few quantisation steps (2.4% each) at most. They are drawn near the top of the log colour bar
+    (it spans at least one decade), not at its bottom colour as a min-to-max bar of zero width made them."""
+    _, _, _, path = swin_run
+    d = explorer_data(path)
+    b = d["swin"][3]
+    vals = explorer.dequantize_log(decode_array(b["val"]))                    # (I, heads + 1, nW, T, T)
+    assert b["windows"] == 1 and vals.max() / vals.min() < 1.25             # near-uniform rows
+    rp = open_report(path)
+    page = rp.page
+    root = page.locator("#sparsity-explorer")
+    page.wait_for_function("document.getElementById('sparsity-explorer').dataset.block !== undefined")
+    assert root.get_attribute("data-block") == "3"
+    for name in ("row", "col", "mu"):
+        fits = colour_bar_fit(page, cell_colours(page, f"sparsity-{name}", 4, 4), "magma")
+        assert max(dist for dist, _ in fits) < 4 and min(t for _, t in fits) > 0.9, (name, fits)
+    lo, hi = map(float, root.get_attribute("data-row-range").split(","))
+    assert hi / lo == pytest.approx(10, rel=1e-4)
+    assert page.inner_text("#sparsity-grid-note") == "4x4 tokens, 80 px per token"
+    rp.assert_clean()
+
+
+def _uniform_window_distance(window: int, token_px: float) -> float:
+    """The mean distance between the tokens of one window x window window (a uniform map over it), directly."""
+    c = (np.arange(window) + 0.5) * token_px
+    y, x = [a.ravel() for a in np.meshgrid(c, c, indexing="ij")]
+    return float(np.hypot(y[:, None] - y[None], x[:, None] - x[None]).mean())
+
+
+def test_the_swin_distance_bars_follow_each_blocks_heads(swin_run, open_report):
+    """Stage 0 has 2 heads, stage 1 has 4: each block shows its own heads' bars (the run's padding of stage 0 to
+    4 heads is never drawn), equal to the run's results; the 4 example images are the run's 4 images, so their
+    own bars average to the run's (rows as they are: a plain mean); no prefix strip (Swin has none); the dashed
+    line is a uniform map over one window (4x4 tokens of 4 px in stage 0, of 8 px in stage 1)."""
+    _, _, summary, path = swin_run
+    att = summary["statistics"]["attention_distance"]
+    run = {s: np.asarray(att[k], np.float64) for s, k in (("all", "distance_px"), ("central", "distance_central_px"))}
+    d = explorer_data(path)
+    assert d["distances"]["heads"] == [2, 2, 4, 4] and np.isnan(run["all"][0, 2:]).all()
+    assert [len(b) for b in d["distances"]["image"]["distance_px"][0]] == [2, 2, 4, 4]   # no padding stored
+    rp = open_report(path)
+    page = rp.page
+    page.wait_for_function("document.getElementById('sparsity-explorer').dataset.block !== undefined")
+    for block, heads, token_px in ((0, 2, 4.0), (3, 4, 8.0)):
+        page.select_option("#sparsity-dist-source", "run")
+        page.select_option("#sparsity-block", str(block))
+        chart = distance_chart(page)
+        assert sorted(chart["all"]) == sorted(chart["central"]) == list(range(heads)) and chart["prefix"] == {}
+        for series in ("all", "central"):
+            np.testing.assert_allclose([chart[series][h] for h in range(heads)], run[series][block, :heads],
+                                       rtol=1e-6)
+        assert chart["uniform"]["all"] == pytest.approx(_uniform_window_distance(4, token_px), rel=1e-9)
+        page.select_option("#sparsity-dist-source", "image")
+        images = []
+        for i in range(IMAGES):
+            page.select_option("#sparsity-image", str(i))
+            chart = distance_chart(page)
+            images.append([chart["all"][h] for h in range(heads)])
+        np.testing.assert_allclose(np.mean(images, axis=0), run["all"][block, :heads], rtol=1e-5)
+    assert "prefix mass" not in page.inner_text("#sparsity-dist-readout")
+    rp.assert_clean()
+
+
+def test_the_swin_report_describes_swin_not_a_class_token(swin_run):
+    """report.md's Choices for Swin: its own mu (windows), no class row or prefix columns (Swin has none)."""
+    _, _, summary, path = swin_run
+    text = (path.parent / "report.md").read_text()
+    choices = text.split("## Choices", 1)[1].split("\n## ", 1)[0]
+    assert "swin_mu" in choices and "window" in choices
+    assert "class" not in choices and "prefix" not in choices and "patch" not in choices

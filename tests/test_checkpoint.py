@@ -89,11 +89,9 @@ def test_pth_file_via_cli(tiny, tmp_path):
     pth = tmp_path / "weights.pth"
     torch.save({"model": tm.state_dict(), "epoch": 3}, pth)   # a training checkpoint: unwrapped by 'model'
     out = tmp_path / "out"
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run([sys.executable, "-m", "checkpoints_convert", "--model", "vit_tiny_patch16_224.mine",
-                           "--from-file", str(pth), "--out", str(out)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr
+    from checkpoints_convert.__main__ import main as convert_main   # `python -m checkpoints_convert`, in-process
+
+    assert convert_main(["--model", "vit_tiny_patch16_224.mine", "--from-file", str(pth), "--out", str(out)]) == 0
     path = out / "vit_tiny_patch16_224.mine.safetensors"
     module = models.create_model("vit_tiny_patch16_224")
     variables, meta = checkpoint.load(path, module)
@@ -239,3 +237,48 @@ def test_converted_weights_of_another_size_load_with_a_resampled_position_embedd
     assert want.shape != flat["params/pos_embed"].shape
     np.testing.assert_array_equal(np.asarray(loaded.variables["params"]["pos_embed"]), want)
     assert loaded.info.img_size == 224 and loaded.pretrained_cfg["input_size"][-1] == 224
+
+
+# --- the converter's user errors (in-process; issue 23 point 3) -------------------------------------------------
+
+def pico_timm_state_dict() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    return timm.models.vision_transformer.VisionTransformer(
+        img_size=32, patch_size=4, embed_dim=64, depth=6, num_heads=4, mlp_ratio=2.0, num_classes=10).state_dict()
+
+
+def converter_error(capsys, path: Path, out: Path, *parts: str) -> None:
+    from checkpoints_convert.__main__ import main as convert_cli
+
+    status = convert_cli(["--model", "vit_pico_patch4_32.mine", "--from-file", str(path), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert status == 2 and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    for part in (str(path), *parts):
+        assert part in err, (part, err)
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_converter_refuses_a_pickled_checkpoint(tmp_path, capsys):
+    import argparse
+
+    path = tmp_path / "train.pth"
+    torch.save({"model": pico_timm_state_dict(), "args": argparse.Namespace(lr=0.1)}, path)
+    converter_error(capsys, path, tmp_path / "out", "argparse.Namespace", "weights_only=True", "If you trust")
+
+
+def test_converter_refuses_integer_parameters(tmp_path, capsys):
+    import safetensors.torch
+
+    sd = pico_timm_state_dict()
+    sd["blocks.2.attn.proj.weight"] = sd["blocks.2.attn.proj.weight"].to(torch.int32)
+    path = tmp_path / "model.safetensors"
+    safetensors.torch.save_file(sd, str(path))
+    converter_error(capsys, path, tmp_path / "out", "'blocks.2.attn.proj.weight'", "int32", "original float weights")
+
+
+def test_converter_names_the_extra_for_a_pth_without_torch(tmp_path, capsys, monkeypatch):
+    path = tmp_path / "w.pth"
+    torch.save(pico_timm_state_dict(), path)
+    monkeypatch.setitem(sys.modules, "torch", None)
+    converter_error(capsys, path, tmp_path / "out", "needs torch", 'pip install "vitsparse_jax[convert]"')

@@ -1,18 +1,22 @@
 """The command line as a user meets it: --show_config (every field, its value and help), --dry_run, `~` and
 environment variables in path fields (runs and the converter), the line that ends a run, the sanity
-warnings, no TPU probing noise, and a finished run started again."""
+warnings, no TPU probing noise, and a finished run started again.
+
+The command line runs in this process (`vitsparse_jax.main.cli`, as `python -m vitsparse_jax.main` does in its
+own); its log lines are read through `caplog`. The process-level contract (exit statuses, tracebacks, log
+lines and no TPU probing on stderr) is tested in a fresh interpreter by tests/test_bad_inputs.py and
+tests/test_multihost_stop.py."""
 import importlib.util
 import json
-import os
+import logging
 import re
 import shlex
-import subprocess
-import sys
 from pathlib import Path
 
 import ml_collections
 import pytest
 
+from vitsparse_jax import main
 from vitsparse_jax.experiments import sanity
 from vitsparse_jax.runtime import config_defaults, config_help
 
@@ -28,9 +32,18 @@ def _config(path: str, arg: str | None) -> ml_collections.ConfigDict:
     return module.get_config(arg)
 
 
-def _main(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "vitsparse_jax.main", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+def _main(capsys, *args: str) -> tuple[int, str, str]:
+    """`python -m vitsparse_jax.main <args>` in this process: (exit status, stdout, stderr)."""
+    status = main.cli(["vitsparse_jax.main", *args])
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+@pytest.fixture
+def at_root(monkeypatch):
+    """The repository as the current directory (the commands name configs/*.py relative to it)."""
+    monkeypatch.chdir(ROOT)
+    monkeypatch.delenv("VITSPARSE_JAX_VERBOSE", raising=False)
 
 
 @pytest.mark.parametrize("path,arg", [(p, a) for p, args in PRESETS.items() for a in args])
@@ -55,27 +68,27 @@ def test_help_follows_sections_and_first_comment():
     assert sp["sparsity.top_by"].startswith("Fig. 3b")                                # a section built by a function
 
 
-def test_show_config_lists_values_and_overrides(tmp_path):
-    out = _main("--config=configs/ablate.py", "--config.seed=7", "--config.data.folder=~/imgs", "--show_config",
-                env={"HOME": str(tmp_path)}, timeout=300)
-    assert out.returncode == 0, out.stderr
-    lines = out.stdout.splitlines()
+def test_show_config_lists_values_and_overrides(tmp_path, capsys, monkeypatch, at_root):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    status, stdout, stderr = _main(capsys, "--config=configs/ablate.py", "--config.seed=7",
+                                   "--config.data.folder=~/imgs", "--show_config")
+    assert status == 0, stderr
+    lines = stdout.splitlines()
     assert any(line.startswith("*seed = 7") and "# seeds" in line for line in lines)
     assert any(line.startswith(f"*data.folder = '{tmp_path}/imgs'") for line in lines)   # `~` expanded
     assert any(line.startswith(" ablation.p = (0.05, 0.1, 0.2, 0.3)") for line in lines)
-    assert "Unable to initialize backend" not in out.stderr
+    assert "Unable to initialize backend" not in stderr
 
 
-def test_dry_run_says_what_would_run_and_writes_nothing(tmp_path):
+def test_dry_run_says_what_would_run_and_writes_nothing(tmp_path, capsys, at_root):
     workdir = tmp_path / "run"
-    out = _main("--config=configs/ablate.py", f"--config.workdir={workdir}", "--dry_run", timeout=300)
-    assert out.returncode == 0, out.stderr
-    text = out.stdout
+    status, text, stderr = _main(capsys, "--config=configs/ablate.py", f"--config.workdir={workdir}", "--dry_run")
+    assert status == 0, stderr
     assert "vit_pico_patch4_32" in text and "built-in checkpoint" in text
     assert "400 images" in text and "10 classes" in text
     assert "total: 400 clean forward passes and 20,400 partial (ablated) passes over 400 images" in text
     assert not workdir.exists()
-    assert "libtpu" not in out.stderr and "Unable to initialize backend" not in out.stderr
+    assert "libtpu" not in stderr and "Unable to initialize backend" not in stderr
 
 
 def test_expand_config_paths(tmp_path, monkeypatch):
@@ -142,32 +155,37 @@ def test_sanity_provenance_and_warnings(tmp_path):
     assert sanity.label_space_warning("m", 10, 1000) and not sanity.label_space_warning("m", 1000, 1000)
 
 
-def test_a_run_ends_with_its_files_warns_and_says_when_complete(tmp_path):
+def test_a_run_ends_with_its_files_warns_and_says_when_complete(tmp_path, capsys, caplog, monkeypatch, at_root):
     """A tiny ablation with untrained weights, its workdir under `~`: the last line names the report and the
-    results, report.md and the terminal warn (untrained, A0 at chance), jax's TPU probing is silent, and the
-    same command again says that the run is complete."""
+    results, report.md and the log warn (untrained, A0 at chance), jax's TPU probing is silent (in a fresh
+    interpreter too: tests/test_bad_inputs.py, status 75), and the same command again says that the run is
+    complete."""
     args = ("--config=configs/ablate.py", "--config.workdir=~/runs/tiny", "--config.weights=untrained",
             "--config.data.num_images=16", "--config.data.batch_size=8", "--config.ablation.p=0.1",
             "--config.ablation.n=1", "--config.ablation.draws=1", "--config.ablation.bootstrap=20",
             "--config.ablation.whole_layer_reference=False", "--config.progress=False")
-    env = {"HOME": str(tmp_path)}
-    first = _main(*args, env=env)
-    assert first.returncode == 0, first.stderr[-3000:]
+    monkeypatch.setenv("HOME", str(tmp_path))
+    caplog.set_level(logging.INFO)                          # the run's log (python -m prints it on stderr)
+    status, stdout, stderr = _main(capsys, *args)
+    assert status == 0, stderr[-3000:]
+    log = stderr + caplog.text
+    assert "images 0..16 of 16" in log                      # the log is seen: the checks below can fail
     workdir = tmp_path / "runs" / "tiny"
-    last = first.stdout.strip().splitlines()[-1]
-    assert last == f"report: {workdir}/report.md; results: {workdir}/results.json, results.csv, tables.md"
-    assert "libtpu" not in first.stderr and "Unable to initialize backend" not in first.stderr
-    assert "pruned" not in first.stderr                     # fontTools' subsetting INFO lines
+    last = stdout.strip().splitlines()[-1]
+    assert last == (f"report: {workdir}/report.html, report.md; "
+                    f"results: {workdir}/results.json, results.csv, tables.md")
+    assert "libtpu" not in log and "Unable to initialize backend" not in log
+    assert "pruned" not in log                              # fontTools' subsetting INFO lines
     report = (workdir / "report.md").read_text()
     assert "## Warnings" in report and "untrained" in report and "not above chance" in report
-    assert "the weights are untrained" in first.stderr and "not above chance" in first.stderr
+    assert "the weights are untrained" in log and "not above chance" in log
     results = json.loads((workdir / "results.json").read_text())
     assert results["models"][0]["provenance"]["kind"] == "untrained" and len(results["warnings"]) >= 2
 
-    again = _main(*args, env=env)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "complete" in (again.stdout + again.stderr)
-    assert again.stdout.strip().splitlines()[-1] == last
+    status, stdout, stderr = _main(capsys, *args)
+    assert status == 0, stderr[-3000:]
+    assert "complete" in (stdout + stderr)
+    assert stdout.strip().splitlines()[-1] == last
 
 
 def _readme_inspection_commands() -> list[str]:
@@ -183,12 +201,12 @@ def test_readme_points_to_show_config_and_dry_run():
 
 
 @pytest.mark.parametrize("command", _readme_inspection_commands())
-def test_readme_inspection_commands_run(command, tmp_path):
+def test_readme_inspection_commands_run(command, tmp_path, capsys, at_root):
     args = shlex.split(command)[3:]          # after 'python -m vitsparse_jax.main'
-    out = _main(*args, "--config.workdir=" + str(tmp_path / "never"), timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
+    status, stdout, stderr = _main(capsys, *args, "--config.workdir=" + str(tmp_path / "never"))
+    assert status == 0, stderr[-2000:]
     assert not (tmp_path / "never").exists()
     if "--dry_run" in command:
-        assert "dry run of experiment" in out.stdout and "weights:" in out.stdout
+        assert "dry run of experiment" in stdout and "weights:" in stdout
     else:
-        assert "# ablation" in out.stdout and " ablation.p = " in out.stdout
+        assert "# ablation" in stdout and " ablation.p = " in stdout

@@ -104,7 +104,7 @@ def test_param_count_and_cfg_match_timm(name):
     shapes = models.variable_shapes(models.create_model(name))
     assert sum(int(np.prod(s.shape)) for s in jax.tree_util.tree_leaves(shapes)) == sum(p.numel() for p in tm.parameters())
     cfg = models.model_info(models.create_model(name)).default_cfg
-    ref = timm.models.get_pretrained_cfg(f"{name}.fb_in1k")   # SPEC section 6's tag
+    ref = timm.models.get_pretrained_cfg(f"{name}.fb_in1k")   # the pinned tag (docs/science.md#models)
     assert cfg["tag"] == "fb_in1k"
     for key in ("input_size", "crop_pct", "interpolation", "mean", "std", "num_classes"):
         assert tuple(np.atleast_1d(cfg[key])) == tuple(np.atleast_1d(getattr(ref, key))), key

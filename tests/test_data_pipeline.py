@@ -46,6 +46,9 @@ def make_folder(root: str) -> None:
             f.write(payload)
 
 
+sources_decode = data.decode_image
+
+
 class CountingFolder(sources.FolderSource):
     """Records which images this process read from disk."""
 
@@ -109,7 +112,7 @@ def test_batches_are_sharded_over_the_data_axis(folder):
     batch = next(data.batches(sources.FolderSource(folder), CFG, 8, mesh))
     assert batch["image"].shape == (8, 32, 32, 3) and batch["image"].dtype == np.uint8
     assert {k: v.dtype for k, v in batch.items() if k != "image"} == {
-        "label": np.int32, "index": np.int32, "valid": np.bool_}
+        "label": np.int32, "index": np.int32, "valid": np.bool_, "digest": np.uint8}
     for v in batch.values():
         assert v.sharding.spec == P("data") and len(v.addressable_shards) == 4
 
@@ -143,12 +146,17 @@ def test_start_resumes_exactly(folder):
     np.testing.assert_array_equal(stopped["index"], [4, 5, 6, 7, 8, -1, -1, -1])
 
 
-def test_cache_reuses_crops_and_failures(folder, one_device, tmp_path):
+def test_cache_reuses_crops_and_failures(folder, one_device, tmp_path, monkeypatch):
+    from vitsparse_jax.data import pipeline
+
     mesh = parallel.make_mesh()
     first = run(CountingFolder(folder), mesh, batch_size=8, cache_dir=tmp_path)
-    again = CountingFolder(folder)
+    again, decoded = CountingFolder(folder), []
+    monkeypatch.setattr(pipeline, "decode_image", lambda data: decoded.append(data) or sources_decode(data))
     second = run(again, mesh, batch_size=8, cache_dir=tmp_path)
-    assert again.reads == [] and sorted(again.skipped) == sorted(BAD)  # all from the cache
+    # read again (the bytes' digest keys the cache), decoded never: all from the cache
+    assert decoded == [] and sorted(again.reads) == list(range(NUM_IMAGES)) and sorted(again.skipped) == sorted(BAD)
+    monkeypatch.undo()
     assert_same_per_image(second, first)
     assert_same_per_image(second, one_device)
     other = dict(CFG, crop_pct=0.9)  # other preprocessing -> other cache entries

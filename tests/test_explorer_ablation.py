@@ -11,21 +11,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from configs import ablate as ablate_config
 from tests.browser import page_data
-from vitsparse_jax import main
 from vitsparse_jax.experiments.ablation import explorer as ablation_explorer
+from vitsparse_jax.experiments.ablation import figures as ablation_figures
+from vitsparse_jax.experiments.ablation import report as ablation_report
 from vitsparse_jax.report_html import decode_array
 from vitsparse_jax.runtime.workdir import Workdir
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("ablate")
-    config = ablate_config.get_config()
-    config.workdir, config.progress, config.data.num_images, config.data.batch_size = str(folder), False, 8, 8
-    main.run(config)
-    return folder
+def run(finished_runs) -> Path:
+    return finished_runs.path("ablate")   # the built-in default on 8 images (tests/shared_runs.py)
 
 
 def test_explorer_data_is_the_drops_and_predictions_of_the_pass(run):
@@ -54,7 +50,7 @@ def test_explorer_data_is_the_drops_and_predictions_of_the_pass(run):
 
 
 def test_explorer_off_and_size(run):
-    assert ablation_explorer.collect(0, None, {"done": np.ones(8, bool)}, None) is None
+    assert ablation_explorer.collect(0, None, {"done": np.ones(8, bool)}, None, None) is None
     assert ablation_explorer.explorer([({}, None, (8, 8), None)]) is None
     size = (run / "report.html").stat().st_size
     assert size < 1_000_000, size                          # figures + 4 images + drops: well under a MB
@@ -120,3 +116,38 @@ def test_explorer_in_a_browser(run, open_report):
         page.evaluate("document.querySelector('header').style.position = 'static'")
         page.locator("#ablation-explorer").screenshot(path=str(Path(shots) / "explorer_ablation.png"))
     rp.assert_clean()
+
+
+def _result(ns: tuple[int, ...], ps: tuple[float, ...] = (0.1, 0.5), draws: int = 2) -> dict:
+    """A model's results over a grid other than the paper's (ns, ps, draws), from random correctness rows."""
+    rng = np.random.default_rng(0)
+    t = 20
+    rows = {"done": np.ones(t, bool), "clean": rng.random(t) < 0.9, "top": rng.random((t, len(ns), len(ps))) < 0.5,
+            "rand": rng.random((t, len(ns), len(ps), draws)) < 0.8, "whole": rng.random((t, len(ns))) < 0.3}
+    r = ablation_report.summarize(rows, ps, ns, samples=50)
+    r.update(name="m.tag", model="m", tag="tag", label="m.tag", family="vit", images_skipped=0,
+             grid={"p": list(ps), "n": list(ns), "draws": draws, "rank_by": "last_layer", "cnn_unit": "channel",
+                   "renormalize": False},
+             sites=[{"site": f"blocks.{i}.attn", "units": 16} for i in range(3)],
+             provenance={"kind": "builtin", "detail": "a test"})
+    return r
+
+
+def test_the_report_and_figures_name_the_grid_that_ran():
+    """Texts and titles come from the grid of the run (here n = 1, 2; p = 10, 50%; 2 draws; Transformers
+    only), not from the paper's (n = 1..3, Tables 1-2), and a single layer is not 'the last 1 layers'."""
+    r = _result((1, 2))
+    out = {"data": {"name": "digits", "identity": "digits:v1", "num_images": 20}, "models": [r],
+           "decisions": ["a decision"], "warnings": []}
+    text = ablation_report.report_text(out, 1, r["name"])
+    assert "grid: p = 10, 50% x n = 1, 2, 2 random draws" in text
+    assert "`figure4b.png/pdf` (m.tag, n = 1, 2, whole-layer reference dotted)" in text and "1..3" not in text
+    assert "`tables.md` (Table 1)" in text and "Tables 1-2" not in text
+    assert ablation_report.tables_markdown([r], 0.95).startswith("# Ablation results (paper 1, Table 1)")
+    assert ablation_report.ns_text([1, 2, 3]) == "n = 1..3" and ablation_report.ns_text([3]) == "n = 3"
+    assert ablation_figures.accuracy_vs_p([r], n=1).axes[0].get_title() == "ablation of the last layer"
+    assert ablation_figures.accuracy_vs_p([r], n=2).axes[0].get_title() == "ablation of the last 2 layers"
+    legend = ablation_figures.accuracy_vs_p_by_n(r).axes[0].get_legend().get_texts()
+    assert [t.get_text() for t in legend][:2] == ["last 1 layer (n = 1)", "last 2 layers (n = 2)"]
+    import matplotlib.pyplot as plt
+    plt.close("all")

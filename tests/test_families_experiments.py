@@ -1,4 +1,4 @@
-"""Every experiment on every family of SPEC section 6 (random weights, tiny sizes): DeiT III, DINOv2 with and
+"""Every experiment on every newer family (random weights, tiny sizes): DeiT III, DINOv2 with and
 without registers, CLIP and SigLIP towers, pooled ViTs, ConvNeXt.
 
 - Units: prefix tokens (class, distillation, registers) are never candidates; models without a class token
@@ -27,9 +27,7 @@ from configs import receptive_field as rf_config
 from configs import sparsity as sparsity_config
 from vitsparse_jax import main, models
 from vitsparse_jax.experiments.ablation import units as au
-from vitsparse_jax.experiments.receptive_field import grad as rf_grad
-from vitsparse_jax.experiments.receptive_field import run as rf_run
-from vitsparse_jax.experiments.sparsity import run as sparsity_run
+from vitsparse_jax.measures import gradient_fields as rf_grad
 from vitsparse_jax.runtime.workdir import Workdir, atomic_write_bytes
 from vitsparse_jax.weights import loading
 from vitsparse_jax.weights.loading import LoadedModel
@@ -100,10 +98,8 @@ def drawn_not_rendered(self, fig, stem, dpi=300):
 
 @pytest.fixture
 def patched_loader(monkeypatch):
-    """The experiments load the tiny variants (their `load_model` entry points); figures are not rendered."""
+    """The experiments load the tiny variants (the driver's `load_model`); figures are not rendered."""
     monkeypatch.setattr(loading, "load_model", tiny_loader)
-    monkeypatch.setattr(sparsity_run, "load_model", tiny_loader)
-    monkeypatch.setattr(rf_run, "load_model", tiny_loader)
     monkeypatch.setattr(Workdir, "save_figure", drawn_not_rendered)
 
 
@@ -208,13 +204,25 @@ def test_sparsity_runs(family, tmp_path, patched_loader):
     assert (tmp_path / family / "report.md").stat().st_size > 0
 
 
+def clean_accuracy(loaded: LoadedModel, images: int = 8) -> float:
+    """Top-1 accuracy of the model on the first digits of the test split, computed here in one batch."""
+    from vitsparse_jax import data
+    from vitsparse_jax.runtime import parallel
+
+    source = data.subset(data.DigitsSource("test"), num_images=images)
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    batch = parallel.to_host(next(iter(data.batches(source, loaded.pretrained_cfg, images, mesh))))
+    logits, _ = loaded.module.apply(loaded.variables, data.normalize(batch["image"], loaded.pretrained_cfg))
+    return float(np.mean(np.asarray(logits).argmax(-1) == np.asarray(batch["label"])))
+
+
 @pytest.mark.parametrize("family", ["deit3", "clip", "reg4_gap", "convnext"])   # the families with a classifier
 def test_ablation_runs(family, tmp_path, patched_loader):
     config = digits_config(ablate_config.get_config(), tmp_path / family)
     config.ablation.p, config.ablation.n, config.ablation.draws, config.ablation.bootstrap = (0.1,), (1, 2), 1, 20
     out = main.run(config)
     (model,) = out["models"]
-    assert len(model["cells"]) == 2 and 0.0 <= model["A0"] <= 1.0
+    assert len(model["cells"]) == 2 and model["A0"] == pytest.approx(clean_accuracy(tiny(family, untrained=True)))
     if family != "convnext":
         assert model["k"]["0.1"] == [6, 6]   # round(0.1 * 64) patch tokens in each of the last 2 blocks
     assert (tmp_path / family / "report.md").stat().st_size > 0

@@ -4,6 +4,7 @@ neither), so the suite cannot rot between GPU loans."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -48,8 +49,9 @@ def test_every_part_done(smoke):
     out, stdout = smoke
     res = json.loads((out / "gpu_suite.json").read_text())
     assert res["smoke"]
+    assert res["meta"]["xla_cache_dir"] == os.environ["JAX_COMPILATION_CACHE_DIR"]   # the tests' shared cache
     parts = res["parts"]
-    assert list(parts) == ["grid_vit_bf16", "agreement", "forward", "flops", "grid_rest", "data",
+    assert list(parts) == ["grid_vit_bf16", "agreement", "forward", "flops", "grid_rest", "data", "host",
                            "receptive_fields", "forward_compile"]
     bad = {name: (p["status"], p.get("error"), p.get("errors")) for name, p in parts.items() if p["status"] != "done"}
     assert not bad, bad
@@ -65,11 +67,14 @@ def test_every_part_done(smoke):
     assert "torch_compile" in parts["forward_compile"]["records"][0]["images_per_s"]
     assert set(parts["flops"]["peak_flops_per_s"]) == {"float32", "bfloat16"}
     assert parts["data"]["measured"]["batches"]
+    assert [r["case"] for r in parts["host"]["records"]] == ["vit_b16_sparsity", "swin_t_sparsity",
+                                                             "resnet50_sparsity", "vit_b16_rf"]
+    assert all(r["images_per_cpu_s"] > 0 for r in parts["host"]["records"])
     assert parts["receptive_fields"]["records"][0]["layers"] == 1 + 4 * 3   # embed + 4 per block, depth 3
     # each part's markdown printed as it finished, and the whole table written
     md = (out / "gpu_suite.md").read_text()
     for title in ("(b) Ablation grid", "(c) bf16 vs fp32", "(a) Forward", "(e) Achieved", "(f) Host decode",
-                  "(d) Receptive fields"):
+                  "Host ceiling", "(d) Receptive fields"):
         assert title in md and title in stdout, title
     assert "extrapolated" in md and "% of peak" in md and "bottleneck" in md
 

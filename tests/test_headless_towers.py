@@ -1,5 +1,5 @@
 """Headless towers (DINOv2, SigLIP, CLIP, MAE: timm's tags with num_classes=0) and the shared config fields
-`img_size`, `num_classes`, `head_weights` (SPEC section 6), through the real loader (`load_model`) and
+`img_size`, `num_classes`, `head_weights` (docs/science.md#models), through the real loader (`load_model`) and
 `vitsparse_jax.main`:
 
 - head_weights: a linear classifier file (.npz / .safetensors, weight (C, D), bias (C,)) gives logits =
@@ -14,8 +14,7 @@ The registered archs are built small (depth 2, width 32: `small_archs`) with ran
 """
 from __future__ import annotations
 
-import subprocess
-import sys
+import logging
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -200,24 +199,29 @@ def test_a_headless_ablation_stops_before_any_work(tmp_path, monkeypatch):
         main.run(config)
 
 
-def _main(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "vitsparse_jax.main", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+def _main(capsys, caplog, *args: str) -> tuple[int, list[str]]:
+    """`python -m vitsparse_jax.main <args>` in this process: its status and what it would print on stderr
+    (its messages and its log records at INFO and above; not absl's note on resetting the flags)."""
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        status = main.cli(["vitsparse_jax.main", *args])
+    logged = [r.getMessage() for r in caplog.records if "absl/flags" not in r.pathname.replace("\\", "/")]
+    return status, capsys.readouterr().err.strip().splitlines() + logged
 
 
-def test_the_command_line_gives_one_line_for_a_headless_ablation_and_a_size_that_does_not_divide(tmp_path):
-    out = _main("--config=configs/ablate.py", f"--config.model={DINOV2}.lvd142m", "--config.weights=untrained",
-                f"--config.workdir={tmp_path / 'a'}")
-    assert out.returncode == 2, out.stderr[-3000:]
-    lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "top-1 accuracy" in lines[0], out.stderr
-    out = _main("--config=configs/sparsity.py", f"--config.model={DINOV2}.lvd142m", "--config.weights=untrained",
-                "--config.img_size=50", f"--config.workdir={tmp_path / 's'}")
-    assert out.returncode == 2, out.stderr[-3000:]
-    lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr
+def test_the_command_line_gives_one_line_for_a_headless_ablation_and_a_size_that_does_not_divide(
+        tmp_path, capsys, caplog, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    status, lines = _main(capsys, caplog, "--config=configs/ablate.py", f"--config.model={DINOV2}.lvd142m",
+                          "--config.weights=untrained", f"--config.workdir={tmp_path / 'a'}")
+    assert status == 2, lines
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "top-1 accuracy" in lines[0], lines
+    status, lines = _main(capsys, caplog, "--config=configs/sparsity.py", f"--config.model={DINOV2}.lvd142m",
+                          "--config.weights=untrained", "--config.img_size=50", f"--config.workdir={tmp_path / 's'}")
+    assert status == 2, lines
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
     assert "img_size=50 is not a whole number of 14x14 patches" in lines[0] and "28, 42, 56, 70" in lines[0]
-    assert "Traceback" not in out.stderr and not (tmp_path / "s" / "results.json").exists()
+    assert "Traceback" not in lines[0] and not (tmp_path / "s" / "results.json").exists()
 
 
 # --- img_size and headless sparsity / receptive fields --------------------------------------------------------------
@@ -296,7 +300,7 @@ def test_documented_headless_command(argv, tmp_path, monkeypatch):
     """The smoke-test commands run (small archs, 16 digits); the others (ImageNet, hub weights) plan their
     models as the run would, before any work: a classifier, the image size, the probe's shapes."""
     from tests.test_readme import experiment_config
-    from vitsparse_jax.experiments.ablation import run as ablation_run
+    from vitsparse_jax.experiments import driver
 
     config = experiment_config(argv[3:])
     if config.weights == "untrained":
@@ -308,8 +312,7 @@ def test_documented_headless_command(argv, tmp_path, monkeypatch):
     if config.head_weights:
         dim = heads.feature_dim(models.create_model(config.model))
         config.head_weights = str(head_file(tmp_path / "probe.npz", classes=1000, dim=dim)[0])
-    names = ablation_run.model_names(config)
-    (module,) = ablation_run.planned_modules(config, names)
+    _, (module,) = driver.plan_models(config)
     assert models.model_info(module).num_classes == 1000
     assert models.model_info(module).img_size == (config.img_size or models.model_info(module).img_size)
     assert loading.resolve_weights(config.model, config.weights, config.checkpoint_dir).kind == loading.HUB

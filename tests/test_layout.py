@@ -16,19 +16,23 @@ def module_name(path: pathlib.Path) -> str:
 
 
 def import_graph() -> dict[str, set[str]]:
-    """module -> the project modules it imports (any depth: `from a.b import c` counts a.b, or a.b.c if a module)."""
+    """module -> the project modules it imports (any depth: `from a.b import c` counts a.b.c if that is a module),
+    and the package faces it goes through: `from a.b import c` reads `c` from a.b's `__init__`, and importing
+    a module from outside its package first runs the `__init__` of every package around it, so a face that
+    imports its own modules is part of every loop through them."""
     files = {module_name(p): p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")}
     graph: dict[str, set[str]] = {}
     for mod, path in files.items():
         deps = set()
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                base = node.module
-                for alias in node.names:
-                    deps.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in files else base)
+                deps.add(node.module)
+                deps.update(f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in files)
             elif isinstance(node, ast.Import):
                 deps.update(a.name for a in node.names)
-        graph[mod] = {d for d in deps if d in files and d != mod}
+        own = {".".join(mod.split(".")[:i]) for i in range(1, mod.count(".") + 2)}
+        faces = {".".join(d.split(".")[:i]) for d in deps for i in range(1, d.count(".") + 1)} - own
+        graph[mod] = {d for d in deps | faces if d in files and d != mod}
     return graph
 
 
@@ -58,6 +62,34 @@ def test_folders_keep_their_roles():
             assert all(d.startswith("vitsparse_jax.models") for d in deps), (mod, deps)
         if mod.startswith(("vitsparse_jax.weights", "vitsparse_jax.data", "vitsparse_jax.runtime")):
             assert not any(d.startswith("vitsparse_jax.experiments") for d in deps), (mod, deps)
+
+
+def test_each_experiment_stands_alone():
+    """Importing one experiment imports no other (shared code lives in measures/, runtime/, ...); no module of a
+    measurement experiment deals with processes (runtime.parallel: the driver decides who writes). Training
+    keeps its own loop (`contract.Standalone`)."""
+    graph = import_graph()
+
+    def reach(mod: str) -> set[str]:
+        seen, todo = set(), [mod]
+        while todo:
+            for dep in graph[todo.pop()] - seen:
+                seen.add(dep)
+                todo.append(dep)
+        return seen
+
+    names = sorted({m.split(".")[2] for m in graph
+                    if m.startswith("vitsparse_jax.experiments.") and m.count(".") >= 3})
+    for name in names:
+        own = f"vitsparse_jax.experiments.{name}"
+        modules = [m for m in graph if m == own or m.startswith(own + ".")]
+        for mod in modules:
+            others = {d for d in reach(mod) if d.startswith("vitsparse_jax.experiments.") and d.count(".") >= 2
+                      and d.split(".")[2] in names and d.split(".")[2] != name}
+            assert not others, (mod, others)
+            if name != "train":
+                assert "vitsparse_jax.runtime.parallel" not in graph[mod], mod
+    assert "vitsparse_jax.experiments.sparsity" in {f"vitsparse_jax.experiments.{n}" for n in names}
 
 
 def test_imports_between_packages_go_one_way():

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from vitsparse_jax import models
-from vitsparse_jax.experiments.receptive_field import grad as rf
+from vitsparse_jax.measures import gradient_fields as rf
 from vitsparse_jax.models import ModelInfo
 
 TIMM_TOL = 1e-5

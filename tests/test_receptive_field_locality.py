@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 
 from vitsparse_jax import models
-from vitsparse_jax.experiments.receptive_field import grad as rfg
-from vitsparse_jax.experiments.receptive_field import locality
-from vitsparse_jax.experiments.receptive_field import run as rf
+from vitsparse_jax.measures import gradient_fields as rfg
+from vitsparse_jax.measures import locality
+from vitsparse_jax.experiments.receptive_field import series as rf
 
 
 @pytest.mark.parametrize("grid,expected", [
-    ((14, 14), (6, 8, 6, 8)),        # SPEC: 14x14 -> 2x2
+    ((14, 14), (6, 8, 6, 8)),        # docs/science.md#receptive-fields: 14x14 -> 2x2
     ((56, 56), (24, 32, 24, 32)),    # 56x56 -> 8x8
     ((7, 7), (3, 4, 3, 4)),          # 7x7 -> 1x1
     ((8, 8), (3, 4, 3, 4)),          # 8/7 -> 1, off by half a cell (8 - 1 is odd)

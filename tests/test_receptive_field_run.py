@@ -10,7 +10,9 @@ import pytest
 
 from configs import receptive_field as rf_config
 from vitsparse_jax import data, main, models
-from vitsparse_jax.experiments.receptive_field import run as rf
+from vitsparse_jax.experiments import driver
+from vitsparse_jax.experiments.receptive_field import experiment as rf
+from vitsparse_jax.measures import gradient_fields as rf_grad
 from vitsparse_jax.runtime import parallel
 from vitsparse_jax.runtime.workdir import Workdir
 from vitsparse_jax.weights import checkpoint, loading
@@ -62,7 +64,7 @@ def test_writes_results_tables_figures_and_report(run):
     config, _ = run
     wd = Workdir(config.workdir)
     for stem in FIGURES:
-        for ext in ("png", "pdf"):
+        for ext in ("png",):   # PDF only on request (config.figures)
             assert wd.path(f"{stem}.{ext}").stat().st_size > 1000, f"{stem}.{ext}"
     for name in ("results.json", "receptive_fields.csv", "receptive_fields.npz", "locality_over_training.csv",
                  "report.md", "config.json", "versions.json"):
@@ -82,6 +84,9 @@ def test_writes_results_tables_figures_and_report(run):
     assert rows[0].startswith("model,tag,trained,step,weights,layer,group,relative_depth,grid,S,mean_radius,max_M")
     assert len(rows) == 1 + 2 * len(names)
     assert "| attn |" in wd.path("report.md").read_text()
+    from vitsparse_jax import science   # the report's definitions, from docs/science.md's source
+    keys = ["preprocessing", "receptive_field", "locality", "sub_stages"]
+    assert "\n".join(science.report_block(keys)) in wd.path("report.md").read_text()
 
 
 def test_maps_equal_a_direct_computation_on_the_same_images(run):
@@ -91,9 +96,9 @@ def test_maps_equal_a_direct_computation_on_the_same_images(run):
     source = data.subset(data.DigitsSource("test"), num_images=IMAGES)
     batch = parallel.to_host(next(iter(data.batches(source, loaded.pretrained_cfg, IMAGES, mesh))))
     x = data.normalize(batch["image"], loaded.pretrained_cfg)
-    names = rf.select_layers(loaded.info, LAYERS.split(","))
-    layers = rf.layer_specs(loaded.module, loaded.variables, loaded.info, names, 1 / 7, (32, 32))
-    direct = rf.receptive_field_maps(loaded.module, loaded.variables, x, layers, loaded.info.num_prefix_tokens)
+    names = rf_grad.select_layers(loaded.info, LAYERS.split(","))
+    layers = rf_grad.layer_specs(loaded.module, loaded.variables, loaded.info, names, 1 / 7, (32, 32))
+    direct = rf_grad.receptive_field_maps(loaded.module, loaded.variables, x, layers, loaded.info.num_prefix_tokens)
     with np.load(Workdir(config.workdir).path("receptive_fields.npz")) as z:
         assert str(z["0/label"]) == f"{ARCH}.fake (trained)"
         np.testing.assert_allclose(z["0/maps"], direct, rtol=1e-4, atol=1e-6 * direct.max())
@@ -134,14 +139,15 @@ def test_headless_model_asked_for_logits(tmp_path):
         main.run(config)
 
 
-def test_default_config_runs_on_the_builtin_models(tmp_path):
-    """The default command on the shipped vit_pico and its untrained twin (fewer images): paper 2's finding
-    holds, training makes the slow (attention) pathway more local."""
+def test_default_config_runs_on_the_builtin_models(finished_runs):
+    """The default command on the shipped vit_pico and its untrained twin (fewer images: the shared run of
+    tests/shared_runs.py, 8 digits): paper 2's finding holds, training makes the slow (attention) pathway
+    more local."""
     config = rf_config.get_config()
     assert (config.model, config.weights, config.data.source) == (ARCH, "auto", "digits")
     assert rf.model_variants(config) == [(ARCH, "auto"), (ARCH, "untrained")]
-    config.workdir, config.progress, config.data.num_images = str(tmp_path), False, 8
-    trained, untrained = main.run(config)["models"]
+    workdir = Workdir(finished_runs.path("receptive_field"))
+    trained, untrained = workdir.read_json("results.json")["models"]
     assert (trained["trained"], untrained["trained"]) == (True, False)
     assert len(trained["layers"]) == 1 + 4 * 6
 
@@ -149,7 +155,7 @@ def test_default_config_runs_on_the_builtin_models(tmp_path):
         return np.mean([l["mean_radius"] for l in m["layers"] if l["group"] == "attn"])
     assert slow_radius(trained) < 0.9 * slow_radius(untrained)
     for stem in FIGURES[:2]:
-        assert Workdir(config.workdir).path(f"{stem}.png").exists()
+        assert workdir.path(f"{stem}.png").exists()
 
 
 def test_presets():
@@ -168,9 +174,11 @@ def test_maps_do_not_depend_on_batch_size_or_device_count(tmp_path, trained):
     source = data.make_eval_source(tiny_config(tmp_path, trained).data)
     got = []
     for batch_size, devices in ((4, jax.devices()), (1, jax.devices()[:1]), (2, jax.devices()[:1])):
-        config = tiny_config(tmp_path / f"b{batch_size}d{len(devices)}", trained, layers="embed,blocks.5")
+        config = tiny_config(tmp_path / f"b{batch_size}d{len(devices)}", trained, layers="embed,blocks.5",
+                             variants="trained")
         config.data.batch_size = batch_size
-        got.append(rf.measure(loaded, ARCH, "m", config, Workdir(config.workdir), source,
-                              parallel.make_mesh(devices)).maps)
+        (measured,) = driver.measure(config, Workdir(config.workdir), loaded=[loaded], source=source,
+                                     mesh=parallel.make_mesh(devices))
+        got.append(measured.result.maps)
     np.testing.assert_array_equal(got[1], got[0])
     np.testing.assert_allclose(got[2], got[0], rtol=0, atol=1e-5 * np.abs(got[0]).max())

@@ -1,8 +1,8 @@
 """The stage-by-stage reverse sweep of `make_rf_fn` against one plain `jax.grad` per layer, every family.
 
-Weights: timm's init plus noise (LayerNorm / BatchNorm affine away from 1 / 0, positive running variances),
-so that no layer's central sum is constant in the input (a LayerNorm output with gamma = 1, beta = 0 sums to
-0 over channels whatever its input: its gradient would be rounding noise).
+Weights: random, drawn with numpy (tests/random_weights.py: LayerNorm / BatchNorm affine away from 1 / 0,
+positive running variances), so that no layer's central sum is constant in the input (a LayerNorm output with
+gamma = 1, beta = 0 sums to 0 over channels whatever its input: its gradient would be rounding noise).
 """
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.random_weights import random_variables
 from vitsparse_jax import models
-from vitsparse_jax.experiments.receptive_field import grad as rf
+from vitsparse_jax.measures import gradient_fields as rf
 
 SWIN = {"img_size": 64, "embed_dim": 16, "depths": (1, 1, 2, 2), "num_heads": (1, 1, 2, 2), "num_classes": 10,
         "window_size": (2, 2, 2, 2)}
@@ -32,23 +33,12 @@ CASES = {   # (arch, overrides, layer patterns)
 }
 
 
-def perturbed(variables, seed: int = 0):
-    rng = np.random.default_rng(seed)
-
-    def leaf(path, a):
-        a = np.asarray(a)
-        if jax.tree_util.keystr(path).endswith("['var']"):
-            return jnp.asarray(a * rng.uniform(0.5, 1.5, a.shape), a.dtype)
-        return jnp.asarray(a + 0.1 * rng.standard_normal(a.shape), a.dtype)
-    return jax.tree_util.tree_map_with_path(leaf, variables)
-
-
 @functools.cache
 def case(name: str):
     arch, kw, patterns = CASES[name]
     module = models.create_model(arch, **kw)
     info = models.model_info(module)
-    variables = perturbed(models.init_untrained(module, 0))
+    variables = random_variables(module)
     names = tuple(n for n in rf.select_layers(info, patterns) if not n.endswith(".probs"))
     size = info.img_size
     layers = tuple(rf.layer_specs(module, variables, info, names, 1 / 7, (size, size)))

@@ -139,6 +139,69 @@ def test_script_data_cannot_close_its_tag(tmp_path):
     assert "</script><script>alert(1)" not in text
 
 
+def test_the_page_has_one_heading_the_reports_own(tmp_path):
+    """The report's leading '# heading' is the page's only <h1> (not a second one under the header's); later
+    '#' headings become section headings; a text without one gets the title as its heading."""
+    md = "# Run of model x\n\ntext\n\n# Results\n\n## Table 1\n"
+    text = write_report_html(Workdir(tmp_path), "window title", md, []).read_text()
+    assert re.findall(r"<h1>(.*?)</h1>", text) == ["Run of model x"]
+    assert "<h2>Results</h2>" in text and "<h2>Table 1</h2>" in text and "<title>window title</title>" in text
+    text = write_report_html(Workdir(tmp_path), "T <1>", "no heading here", []).read_text()
+    assert re.findall(r"<h1>(.*?)</h1>", text) == ["T &lt;1&gt;"]
+
+
+def _save_figure(wd: Workdir, stem: str, inches: tuple[float, float], dpi: int = 300) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure(figsize=inches)
+    fig.add_subplot().plot([0, 1], [1, 0])
+    fig.savefig(wd.path(f"{stem}.png"), dpi=dpi)      # exactly inches x dpi pixels, the dpi recorded in the PNG
+    plt.close(fig)
+
+
+def test_figures_are_shown_at_their_natural_size(tmp_path, open_report):
+    """A small figure is not stretched to the page's width and a wide one fills it: width = inches x
+    FIGURE_PX_PER_INCH, at most the column (a 300 dpi PNG shown pixel for pixel would be 3x too large)."""
+    wd = Workdir(tmp_path)
+    _save_figure(wd, "small", (2.0, 1.5))
+    _save_figure(wd, "wide", (16.0, 3.0))
+    path = write_report_html(wd, "t", "# r\n\n![small](small.png)\n", [("wide", "a wide figure")])
+    text = path.read_text()
+    per_inch = report_page.FIGURE_PX_PER_INCH
+    assert f'width="{2 * per_inch}"' in text and f'width="{16 * per_inch}"' in text
+    rp = open_report(path)
+    shown = rp.page.evaluate("""() => Object.fromEntries(Array.from(document.images).map(i => [i.alt,
+        [i.getBoundingClientRect().width, i.getBoundingClientRect().height, i.parentElement.clientWidth]]))""")
+    width, height, _ = shown["small"]
+    assert width == pytest.approx(2 * per_inch, abs=1) and height == pytest.approx(1.5 * per_inch, abs=1)
+    width, height, column = shown["wide"]
+    assert column < 16 * per_inch and width == pytest.approx(column, abs=1)      # scaled down to the column
+    assert height == pytest.approx((width - 2) * 3 / 16 + 2, abs=1)               # its aspect (1 px border)
+    rp.assert_clean()
+
+
+def test_a_wide_table_scrolls_in_its_own_box(tmp_path, open_report):
+    """A table wider than the page scrolls sideways inside its box (the page itself does not overflow) and
+    its last column can be scrolled into view; snake_case column names may break after an underscore."""
+    names = [f"column_name_{i}" for i in range(30)]
+    md = ("# r\n\n| " + " | ".join(names) + " |\n|" + "---|" * 30 + "\n| "
+          + " | ".join("123.456" for _ in names) + " |\n")
+    path = write_report_html(Workdir(tmp_path), "t", md, [])
+    assert "<th>column_<wbr>name_<wbr>0</th>" in path.read_text()
+    rp = open_report(path)
+    got = rp.page.evaluate("""() => {
+        const box = document.querySelector('.vj-table'), last = box.querySelector('th:last-child');
+        const before = [box.scrollWidth, box.clientWidth, last.getBoundingClientRect().right,
+                        box.getBoundingClientRect().right, document.documentElement.scrollWidth, window.innerWidth];
+        box.scrollLeft = box.scrollWidth;
+        return before.concat([last.getBoundingClientRect().right, box.getBoundingClientRect().right]); }""")
+    scroll_width, client_width, last_right, box_right, page_width, window_width, last_after, box_after = got
+    assert scroll_width > client_width and last_right > box_right    # wider than its box: the end is hidden ...
+    assert page_width <= window_width                                  # ... inside the box, not off the page
+    assert last_after <= box_after + 1                                 # and scrolls into view
+    rp.assert_clean()
+
+
 # --- the sparsity explorer's compact rows ---------------------------------------------------------------------
 
 def test_log_quantisation_keeps_values_within_3_percent(rng):

@@ -126,6 +126,16 @@ def test_a_stop_requested_before_the_pass_stops_before_the_first_batch(tmp_path)
                           process=process, init=init, batch_size=BATCH, progress=False)
     assert seen == [] and info.value.signum == signal.SIGTERM and info.value.exit_code == 143
     assert info.value.done == 0 and "same command" in str(info.value)
+    assert "nothing" in str(info.value) and "state is saved" not in str(info.value)   # nothing was saved
+    assert Workdir(tmp_path).load_state() is None
+    with pytest.raises(Interrupted):                       # a state saved by an earlier run ...
+        run(Workdir(tmp_path), stop_after_batches=1)
+    with stopping.handle_signals():
+        stopping.request(signal.SIGTERM)
+        with pytest.raises(Interrupted) as info:
+            run(Workdir(tmp_path))
+    assert f"at image {BATCH} of {TOTAL}" in str(info.value) and "saved earlier" in str(info.value)   # ... is kept
+    assert Workdir(tmp_path).load_state()[1]["next_index"] == BATCH
 
 
 def test_exit_codes_and_a_second_ctrl_c(tmp_path):
@@ -145,3 +155,28 @@ def test_exit_codes_and_a_second_ctrl_c(tmp_path):
         run_resumable(Workdir(tmp_path / "b"), key={"exp": "toy"}, total=TOTAL, batches_from=batches_from,
                       process=ctrl_c_twice, init=init, batch_size=BATCH, progress=False)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # handlers restored
+
+
+def test_a_finished_run_of_other_inputs_is_said_once_in_the_refusal(tmp_path, caplog):
+    """issue 28, point 3: the session notes what the workdir's finished run differs in; the state check that
+    cannot reuse its pass says it in the one error (not 'an unfinished run'), one that can says it once."""
+    from vitsparse_jax.runtime import resumable
+
+    key = {"images": {"identity": "folder:/x:0000", "num_images": 10}, "seed": 0}
+    wd = Workdir(tmp_path / "run" / "model")
+    keyed(wd, key)                                            # the finished run's saved pass
+    resumable.note_finished_run(tmp_path / "run", "this config from other inputs (data changed since)")
+    try:
+        with pytest.raises(StateError) as info:
+            keyed(wd, {**key, "images": {"identity": "folder:/x:1111", "num_images": 10}})
+        text = str(info.value)
+        assert text.startswith(f"{tmp_path / 'run'} holds the finished results of this config from other inputs "
+                               "(data changed since)") and "images.identity" in text, text
+        assert "unfinished" not in text and "--config.resume=False" in text and "--config.workdir" in text
+        caplog.set_level("INFO")
+        keyed(wd, key)                                        # the same key: reused, and said once
+        keyed(wd, key)
+        said = [r.getMessage() for r in caplog.records if "holds the finished results" in r.getMessage()]
+        assert len(said) == 1 and "reusing the saved passes" in said[0], said
+    finally:
+        resumable.clear_finished_run()

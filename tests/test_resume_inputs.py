@@ -8,6 +8,7 @@ changed, and the unchanged inputs must still resume.
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
 from pathlib import Path
 
@@ -145,3 +146,134 @@ def test_training_refuses_to_resume_from_other_starting_weights(tmp_path):
     assert "start.sha256" in str(info.value) and "weights file was replaced" in str(info.value)
     own_weights(tmp_path / "weights")                            # the same content again: resumes
     assert train.run(config, workdir)["start_step"] == 1
+
+
+# ------------------------------------------- issue 23, point 6: resume checks content, not size and mtime
+
+SMALL_GRID = ["--config.progress=False", "--config.data.batch_size=4", "--config.data.num_workers=2",
+              "--config.data.num_images=0", "--config.ablation.p=0.1", "--config.ablation.n=1",
+              "--config.ablation.draws=1", "--config.ablation.bootstrap=10"]
+
+
+def bmp_folder(path: Path, n: int = 12) -> Path:
+    """Labelled 8x8 BMPs: every file has the same byte size, whatever its pixels."""
+    source = DigitsSource("test")
+    for i in range(n):
+        folder = path / str(source.label(i))
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.asarray(source.read(i).data)).save(folder / f"{i:03d}.bmp")
+    return path
+
+
+def replace_keeping_size_and_mtime(path: Path, pixels: np.ndarray) -> None:
+    """What `cp -p`, `rsync -t` or a tar extraction leave: other content, the same size and mtime."""
+    st = path.stat()
+    other = path.with_name(".replacement.bmp")
+    Image.fromarray(pixels).save(other)
+    assert other.stat().st_size == st.st_size
+    os.replace(other, path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def ablate(folder: Path, workdir: Path, *extra: str) -> int:
+    return main.cli(["vitsparse_jax.main", "--config=configs/ablate.py", f"--config.workdir={workdir}",
+                     "--config.data.source=folder", f"--config.data.folder={folder}", *SMALL_GRID, *extra])
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory):
+    """A folder of 12 same-size images and an ablation stopped after its first batch of 4."""
+    root = tmp_path_factory.mktemp("interrupted")
+    folder = bmp_folder(root / "images")
+    shutil.copytree(folder, root / "pristine", copy_function=shutil.copy2)
+    assert ablate(folder, root / "run", "--config.ablation.stop_after_batches=1") == 75
+    return root
+
+
+def copy_of(interrupted: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """The interrupted run (a copy) and its image folder, at its own path (part of the resume key), as it was."""
+    shutil.rmtree(interrupted / "images")
+    shutil.copytree(interrupted / "pristine", interrupted / "images", copy_function=shutil.copy2)
+    shutil.copytree(interrupted / "run", tmp_path / "run")
+    return interrupted / "images", tmp_path / "run"
+
+
+def test_an_image_replaced_with_its_size_and_mtime_kept_is_refused_at_resume(interrupted, tmp_path, capsys):
+    from vitsparse_jax.data import FolderSource
+
+    folder, run = copy_of(interrupted, tmp_path)
+    source = FolderSource(folder)
+    identity, processed = source.identity, source.files[1]         # image 1 was in the first batch
+    replace_keeping_size_and_mtime(folder / processed, np.full((8, 8, 3), 200, np.uint8))
+    assert FolderSource(folder).identity == identity                # names, sizes and mtimes: all the same
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    status = ablate(folder, run)
+    err = capsys.readouterr().err
+    assert status == 2, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and processed in last and "other content" in last, last
+    assert "--config.resume=False" in last and "Traceback" not in err
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before   # nothing written
+
+    shutil.copy2(interrupted / "pristine" / processed, folder / processed)   # the original back: resumes
+    assert ablate(folder, run) == 0, capsys.readouterr().err[-3000:]
+    assert (run / "COMPLETE.json").exists()
+
+
+def test_an_image_not_processed_yet_may_change(interrupted, tmp_path, capsys):
+    from vitsparse_jax.data import FolderSource
+
+    folder, run = copy_of(interrupted, tmp_path)
+    later = FolderSource(folder).files[-1]                          # not in the first batch
+    replace_keeping_size_and_mtime(folder / later, np.full((8, 8, 3), 90, np.uint8))
+    assert ablate(folder, run) == 0, capsys.readouterr().err[-3000:]
+
+
+def test_a_state_of_an_older_version_is_refused_as_such(interrupted, tmp_path, capsys):
+    from vitsparse_jax.runtime.workdir import Workdir
+
+    folder, run = copy_of(interrupted, tmp_path)
+    wd = Workdir(run / f"{VIT}.digits")
+    arrays, meta = wd.load_state()
+    del arrays[resumable.DIGESTS], meta["format"]                  # the layout before content digests
+    wd.save_state(arrays, meta)
+    first = next(folder.glob("*/*.bmp"))
+    os.utime(first, ns=(first.stat().st_atime_ns, first.stat().st_mtime_ns + 10**9))   # and a touched file
+    status = ablate(folder, run)
+    err = capsys.readouterr().err
+    assert status == 2, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert "older version" in last and "--config.resume=False" in last, last
+    assert "images changed" not in last and "different config" not in last, last
+    assert ablate(folder, run, "--config.resume=False") == 0        # the way out works as written
+
+
+def test_the_crop_cache_decodes_an_image_replaced_in_place_again(tmp_path):
+    from vitsparse_jax import data
+    from vitsparse_jax.data import FolderSource
+    from vitsparse_jax.runtime import parallel
+
+    folder = bmp_folder(tmp_path / "images", n=4)
+    cfg = {"input_size": (3, 8, 8), "crop_pct": 1.0, "interpolation": "bilinear", "num_classes": 10}
+    mesh = parallel.make_mesh()
+
+    def crops():
+        batch = parallel.to_host(next(data.batches(FolderSource(folder), cfg, 4, mesh, cache_dir=tmp_path / "c")))
+        return batch["image"], batch["digest"]
+
+    first, digests = crops()
+    name = FolderSource(folder).files[0]
+    replace_keeping_size_and_mtime(folder / name, np.full((8, 8, 3), 200, np.uint8))
+    second, new_digests = crops()
+    assert (second[0] == 200).all() and not (first[0] == 200).all()  # not the old crop from the cache
+    assert (new_digests[0] != digests[0]).any() and (new_digests[1:] == digests[1:]).all()
+
+
+def test_the_resume_check_benchmark_runs(monkeypatch, capsys):
+    import runpy
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.setattr("sys.argv", ["benchmarks/resume_check.py", "--num_files", "30", "--size_kb", "1"])
+    runpy.run_path(str(root / "benchmarks" / "resume_check.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "30 files of 1 kB" in out and out.count("verify_images (") == 2 and "us CPU" in out

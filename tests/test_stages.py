@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.random_weights import random_variables
 from vitsparse_jax import models
 
 SWIN = {"img_size": 64, "embed_dim": 16, "depths": (1, 1, 2, 2), "num_heads": (1, 1, 2, 2), "num_classes": 10,
@@ -33,7 +34,7 @@ def model(case: str):
     module = models.create_model(name, **kw)
     size = module.info().img_size
     x = jax.random.normal(jax.random.PRNGKey(1), (2, size, size, 3))
-    return module, models.init_untrained(module, 0), x
+    return module, random_variables(module), x
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -17,6 +17,7 @@ torch = pytest.importorskip("torch")
 timm = pytest.importorskip("timm")
 from timm.models.swin_transformer import window_partition  # noqa: E402
 
+from tests.random_weights import zero_variables  # noqa: E402
 from vitsparse_jax import models  # noqa: E402
 from vitsparse_jax.models import swin  # noqa: E402
 from vitsparse_jax.weights import checkpoint
@@ -24,11 +25,12 @@ from vitsparse_jax.weights.checkpoint import CheckpointError  # noqa: E402
 from vitsparse_jax.weights.timm_keys.swin import convert_state_dict  # noqa: E402
 
 TINY = "swin_tiny_patch4_window7_224"
+TINY_KW = {"depths": (2, 2, 2, 2)}   # Swin-T at its real widths and size, 2 blocks per stage; one full-size Swin-B
 LOGITS_TOL = 1e-5
 MAP_TOL = 1e-5
 PROBS_TOL = 2e-5
 # last block of stage 3 (shifted windows) and both blocks of stage 4 (one 7x7 window, no shift)
-MASK_SITES = ("layers.2.blocks.5.attn", "layers.3.blocks.0.attn", "layers.3.blocks.1.attn")
+MASK_SITES = ("layers.2.blocks.1.attn", "layers.3.blocks.0.attn", "layers.3.blocks.1.attn")
 
 
 def rel_err(a, b) -> float:
@@ -56,9 +58,10 @@ def converted(tm, module) -> dict:
 
 @functools.lru_cache(maxsize=None)
 def pair(arch: str):
-    """(timm model, flax module, flax variables) with the same random weights."""
-    tm = random_timm(arch)
-    module = models.create_model(arch)
+    """(timm model, flax module, flax variables) with the same random weights (Swin-T: TINY_KW)."""
+    kw = TINY_KW if arch == TINY else {}
+    tm = random_timm(arch, **kw)
+    module = models.create_model(arch, **kw)
     return tm, module, converted(tm, module)
 
 
@@ -223,7 +226,7 @@ def test_start_reproduces_logits():
     keeps = random_keeps(module, MASK_SITES)
     logits, aux = jitted(TINY, ("*",), None, False)(variables, x, keeps)
     stages = module.info().stages
-    for start in ("layers.2.blocks.5", "layers.3.downsample", "head"):
+    for start in ("layers.2.blocks.1", "layers.3.downsample", "head"):
         prev = stages[stages.index(start) - 1]
         running = {site: k for site, k in keeps.items()  # masks of blocks that run from `start` on
                    if stages.index(site.removesuffix(".attn")) >= stages.index(start)}
@@ -252,7 +255,8 @@ def test_window_token_index():
 
 
 def test_info_and_argument_errors():
-    _, module, variables = pair(TINY)
+    module = models.create_model(TINY)                     # the full Swin-T (its errors come before any compute)
+    variables = zero_variables(module)
     info = module.info()
     assert info.family == "swin" and info.patch_grid == (56, 56) and info.num_prefix_tokens == 0
     assert info.stages[:4] == ("patch_embed", "layers.0.blocks.0", "layers.0.blocks.1", "layers.1.downsample")
@@ -277,8 +281,8 @@ def test_converter_is_strict_and_round_trips(tmp_path):
     bad = dict(sd, **{"layers.0.blocks.0.attn.extra.weight": np.zeros((3, 3), np.float32)})
     with pytest.raises(CheckpointError, match=rf"{TINY}.*layers\.0\.blocks\.0\.attn\.extra\.weight"):
         convert_state_dict(bad, module)
-    bad = {k: v for k, v in sd.items() if k != "layers.2.blocks.3.mlp.fc1.bias"}
-    with pytest.raises(CheckpointError, match=rf"{TINY}.*params/layers_2/blocks_3/mlp/fc1/bias"):
+    bad = {k: v for k, v in sd.items() if k != "layers.2.blocks.1.mlp.fc1.bias"}
+    with pytest.raises(CheckpointError, match=rf"{TINY}.*params/layers_2/blocks_1/mlp/fc1/bias"):
         convert_state_dict(bad, module)
     bad = dict(sd, **{"head.fc.weight": np.zeros((10, 768), np.float32)})
     with pytest.raises(CheckpointError, match=r"head\.fc\.weight.*shape"):
@@ -302,7 +306,9 @@ def test_convert_from_file_round_trips(tmp_path):
 
     import checkpoints_convert
 
-    tm, module, variables = pair(TINY)
+    tm = random_timm(TINY)                                   # full size: the converter builds the arch's module
+    module = models.create_model(TINY)
+    variables = converted(tm, module)
     save_file(tm.state_dict(), str(tmp_path / "model.safetensors"))
     path = checkpoints_convert.convert(f"{TINY}.random", tmp_path / "out", from_file=tmp_path / "model.safetensors")
     loaded, meta = checkpoint.load(path, module)

@@ -1,9 +1,6 @@
 """Training: the loss goes down, checkpoints are written and restored, a resumed run equals an uninterrupted one."""
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -110,13 +107,15 @@ def test_changed_config_refuses_to_resume(tmp_path):
         train.run(train_config(steps=2, lr=0.5), workdir)
 
 
-def test_main_trains_end_to_end(tmp_path):
-    """The command line of the README, on the default ViT, for two steps."""
-    cmd = [sys.executable, "-m", "vitsparse_jax.main", "--config=configs/train.py",
-           "--config.train.steps=2", "--config.train.batch_size=16", "--config.data.batch_size=80",
-           "--config.train.eval_every=0", f"--config.workdir={tmp_path}", "--config.progress=False"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=os.environ, capture_output=True, text=True, timeout=600, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_main_trains_end_to_end(tmp_path, monkeypatch, capsys):
+    """The command line of the README, on the default ViT, for two steps (in this process: main.cli)."""
+    from vitsparse_jax.main import cli
+
+    monkeypatch.chdir(ROOT)
+    status = cli(["vitsparse_jax.main", "--config=configs/train.py",
+                  "--config.train.steps=2", "--config.train.batch_size=16", "--config.data.batch_size=80",
+                  "--config.train.eval_every=0", f"--config.workdir={tmp_path}", "--config.progress=False"])
+    assert status == 0, capsys.readouterr().err[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["model"] == "vit_pico_patch4_32" and results["steps"] == 2 and results["eval_images"] == 400
     assert (tmp_path / "vit_pico_patch4_32.digits.safetensors").exists()

@@ -27,6 +27,21 @@ def images(path: Path, n: int) -> Path:
     return path
 
 
+def test_skipped_images_of_every_source_that_gives_encoded_bytes_are_named_by_their_file(tmp_path):
+    """Folders give the decoder the file's bytes (as TFDS does); a file PIL cannot identify was listed with
+    PIL's name for the in-memory buffer (`<_io.BytesIO object at 0x...>`) instead of anything useful."""
+    folder = images(tmp_path / "imgs", 2)
+    (folder / "zz.png").write_bytes(b"GIF89a but truncated")
+    (folder / "zzz.jpg").write_bytes(b"plain text, not an image")
+    source = FolderSource(folder, labels="none")
+    out = parallel.to_host(next(data.batches(source, CFG, 4, parallel.make_mesh(), num_workers=2)))
+    assert out["valid"].tolist() == [True, True, False, False]
+    listed = {e["file"]: e["reason"] for e in source.describe()["skipped_files"]}
+    assert sorted(listed) == ["zz.png", "zzz.jpg"], listed
+    assert not any("BytesIO" in reason or " at 0x" in reason for reason in listed.values()), listed
+    assert all(reason.startswith(("UnidentifiedImageError", "OSError", "SyntaxError")) for reason in listed.values())
+
+
 def test_vanished_files_and_dangling_symlinks_are_counted_not_fatal(tmp_path):
     folder = images(tmp_path / "imgs", 6)
     os.symlink(tmp_path / "nowhere.png", folder / "003b.png")     # dangling from the start
@@ -69,12 +84,15 @@ def test_receptive_fields_count_unreadable_images_and_say_when_none_can_be_read(
     assert model["num_images"] == 6 and model["images_skipped"] == 2
     named = {entry["file"]: entry["reason"] for entry in out["data"]["skipped_files"]}   # named, with the reason
     assert sorted(named) == ["100.png", "101.png"] and all(named.values())
+    # the reason says what is wrong with the file, not PIL's name for an in-memory buffer (issue 23, point 5)
+    assert named["100.png"].startswith("UnidentifiedImageError: not an image format PIL can read"), named
+    assert "FileNotFoundError" in named["101.png"] and "object at 0x" not in " ".join(named.values()), named
 
     bad = tmp_path / "bad"
     bad.mkdir()
     for i in range(3):
         (bad / f"{i}.jpg").write_bytes(b"\xff\xd8 truncated")
-    with pytest.raises(ValueError, match=r"none of the 3 images .* could be read \(3 unreadable: image 0: "):
+    with pytest.raises(ValueError, match=r"none of the 3 images .* could be read \(3 unreadable: 0.jpg: "):
         main.run(rf_config(tmp_path / "b", bad))
 
 

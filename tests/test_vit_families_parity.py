@@ -1,10 +1,11 @@
-"""The ViT families of SPEC section 6 against timm with random weights: DeiT III, DINOv2 (with and without
+"""The ViT families of docs/science.md#models against timm with random weights: DeiT III, DINOv2 (with and without
 registers), CLIP and SigLIP towers, pooled (`*_gap_*`) ViTs; position-embedding resampling; image-size errors.
 
 Same standard as tests/test_vit_parity.py (float32, HIGHEST precision, timm's fused attention off, timm's random
 init perturbed by `tests/timm_perturb.py`, plus layer-scale gammas moved from their 1e-5 / 1e-6 init to O(1) so
 that every branch matters): logits and every (B, N, D) intermediate max|diff| / max|ref| <= 1e-5, attention
-probabilities max|diff| <= 1e-5. Most checks use `depth=2`; one full-size model per family.
+probabilities max|diff| <= 1e-5. Every check uses `depth=2` (each family also at its real width and image size);
+the one full-size ViT is in tests/test_vit_parity.py.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ timm = pytest.importorskip("timm")
 
 from checkpoints_convert import convert_timm_module  # noqa: E402
 from tests.test_vit_parity import PROB_TOL, REL_TOL, nhwc, rel_err, timm_forward  # noqa: E402
+from tests.random_weights import zero_variables  # noqa: E402
 from tests.timm_perturb import perturb  # noqa: E402
 from vitsparse_jax import models  # noqa: E402
 from vitsparse_jax.models import pos_embed, vit  # noqa: E402
@@ -158,18 +160,18 @@ def test_forward_parity(name, kw):
     check_forward(tm, module, variables, images(models.model_info(module).img_size))
 
 
-# One full-size model per family (logits and every intermediate; batch 1).
+# Each family at its real width and image size (logits and every intermediate; batch 1), at depth 2: every
+# block is the same code, and the one full-size ViT is tests/test_vit_parity.py's vit_base_patch16_224.
 FULL_CASES = [
-    ("deit3_small_patch16_224", {}),
-    ("vit_small_patch14_dinov2", {"img_size": 224}),
-    ("vit_small_patch14_reg4_dinov2", {"img_size": 224}),
-    ("vit_base_patch16_siglip_224", {}),
-    ("vit_base_patch16_clip_224", {}),
-    ("vit_medium_patch16_reg4_gap_256", {}),
+    ("deit3_small_patch16_224", {"depth": 2}),
+    ("vit_small_patch14_dinov2", {"img_size": 224, "depth": 2}),
+    ("vit_small_patch14_reg4_dinov2", {"img_size": 224, "depth": 2}),
+    ("vit_base_patch16_siglip_224", {"depth": 2}),
+    ("vit_base_patch16_clip_224", {"depth": 2}),
+    ("vit_medium_patch16_reg4_gap_256", {"depth": 2}),
 ]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name,kw", FULL_CASES, ids=[n for n, _ in FULL_CASES])
 def test_full_size_parity(name, kw):
     tm = make_timm(name, **kw)
@@ -271,7 +273,7 @@ def test_img_size_not_a_whole_number_of_patches_is_a_clear_error():
     with pytest.raises(ValueError, match=r"valid sizes near it: 196, 210, 224, 238"):
         models.create_model("vit_small_patch14_dinov2", img_size=220)
     module = models.create_model("vit_pico_patch4_32", depth=1)
-    variables = models.init_untrained(module)
+    variables = zero_variables(module)
     with pytest.raises(ValueError, match=r"built for 32x32 images, got 30x30.*img_size=S.*28, 32"):
         module.apply(variables, jnp.zeros((1, 30, 30, 3)))
     with pytest.raises(ValueError, match=r"built for 32x32 images, got 36x36.*36"):

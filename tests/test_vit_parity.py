@@ -18,6 +18,7 @@ torch = pytest.importorskip("torch")
 timm = pytest.importorskip("timm")
 
 from checkpoints_convert import convert_timm_module  # noqa: E402
+from tests.random_weights import random_variables, zero_variables  # noqa: E402
 from tests.timm_perturb import perturb  # noqa: E402
 from vitsparse_jax import models  # noqa: E402
 from vitsparse_jax.models import vit  # noqa: E402
@@ -130,7 +131,7 @@ def timm_forward(tm, x: np.ndarray, col_masks: dict[int, np.ndarray] | None = No
 
 @pytest.fixture(scope="module")
 def deit_tiny_distilled():
-    return make_pair("deit_tiny_distilled_patch16_224")
+    return make_pair("deit_tiny_distilled_patch16_224", depth=3)   # real width and size; 3 blocks to mask
 
 
 # --- static facts ------------------------------------------------------------------------------------------
@@ -183,9 +184,10 @@ def test_model_info():
 
 # --- forward parity ------------------------------------------------------------------------------------------
 
+# Real widths and image sizes at depth 2 (every block is the same code); one full-size model.
 PARITY_CASES = [
-    ("vit_tiny_patch16_224", {}),
-    ("deit_tiny_distilled_patch16_224", {}),
+    ("vit_tiny_patch16_224", {"depth": 2}),
+    ("deit_tiny_distilled_patch16_224", {"depth": 2}),
     ("deit_tiny_patch16_224", {"depth": 2}),
     ("vit_base_patch32_224", {"depth": 3}),                      # patch 32
     ("vit_small_patch16_224", {"num_classes": 0, "depth": 4}),   # DINO-like: pooled features out
@@ -216,7 +218,7 @@ def test_forward_parity(name, kw):
 
 def test_capture_patterns():
     module = models.create_model("vit_pico_patch4_32", depth=2)
-    variables = models.init_untrained(module)
+    variables = zero_variables(module)
     x = jnp.zeros((1, 32, 32, 3))
     _, aux = module.apply(variables, x)
     assert aux == {}
@@ -250,8 +252,9 @@ def test_ablated_logits_match_timm_hooks(deit_tiny_distilled, renormalize):
     info = models.model_info(module)
     x = images(module, seed=1)
     n = info.num_prefix_tokens + info.patch_grid[0] * info.patch_grid[1]
-    col = {l: drop_masks(BATCH, n, info.num_prefix_tokens, k=39, seed=l) for l in (9, 10, 11)}
-    col[11][0, info.num_prefix_tokens:] = 0.0   # a whole-layer drop (paper Fig. 4b) on image 0
+    last = len(info.ablation_sites) - 1
+    col = {l: drop_masks(BATCH, n, info.num_prefix_tokens, k=39, seed=l) for l in (last - 2, last - 1, last)}
+    col[last][0, info.num_prefix_tokens:] = 0.0   # a whole-layer drop (paper Fig. 4b) on image 0
     ref_logits, ref = timm_forward(tm, x, col, renormalize)
     masks = {f"blocks.{l}.attn": jnp.asarray(m) for l, m in col.items()}
     logits, aux = jax.jit(lambda v, x, m: module.apply(v, x, masks=m, renormalize=renormalize,
@@ -270,9 +273,11 @@ def test_ablated_logits_match_timm_hooks(deit_tiny_distilled, renormalize):
 def test_all_ones_mask_is_exactly_no_mask(deit_tiny_distilled, renormalize):
     _, module, variables = deit_tiny_distilled
     x = nhwc(images(module))
-    ones = {f"blocks.{l}.attn": jnp.ones((BATCH, 198)) for l in range(12)}
-    fwd = jax.jit(lambda v, x, m: module.apply(v, x, masks=m, renormalize=renormalize, capture=("blocks.11*",)))
-    plain = jax.jit(lambda v, x: module.apply(v, x, capture=("blocks.11*",)))
+    info = models.model_info(module)
+    ones = {site: jnp.ones((BATCH, 198)) for site in info.mask_sites}   # every block: 2 prefix + 196 patches
+    last = f"{info.ablation_sites[-1].removesuffix('.attn')}*"
+    fwd = jax.jit(lambda v, x, m: module.apply(v, x, masks=m, renormalize=renormalize, capture=(last,)))
+    plain = jax.jit(lambda v, x: module.apply(v, x, capture=(last,)))
     (a, aux_a), (b, aux_b) = fwd(variables, x, ones), plain(variables, x)
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     for key in aux_b:
@@ -292,7 +297,7 @@ def test_mask_columns_renormalize_guards_zero_rows():
 
 def test_mask_values_do_not_recompile():
     module = models.create_model("vit_pico_patch4_32", depth=2)
-    variables = models.init_untrained(module)
+    variables = random_variables(module)
     x = jnp.asarray(np.random.default_rng(0).standard_normal((BATCH, 32, 32, 3)), jnp.float32)
     fwd = jax.jit(lambda v, x, m: module.apply(v, x, masks=m)[0])
     outs = []

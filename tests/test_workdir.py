@@ -3,6 +3,7 @@ weights fingerprints (issue 16, points 2-4)."""
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import subprocess
@@ -43,7 +44,33 @@ def test_a_workdir_that_is_a_file_or_under_a_file_is_a_user_error(tmp_path):
     with pytest.raises(WorkdirError, match="is a file, not a folder"):
         Workdir(tmp_path / "file")
     with pytest.raises(WorkdirError, match="cannot create the workdir .*file/sub"):
-        Workdir(tmp_path / "file" / "sub")
+        Workdir(tmp_path / "file" / "sub" / "run")
+    readonly = tmp_path / "ro"
+    readonly.mkdir()
+    readonly.chmod(0o555)
+    try:
+        if not os.access(readonly, os.W_OK):        # (root may write anyway)
+            with pytest.raises(WorkdirError, match="cannot create the workdir .*ro/run: permission denied"):
+                Workdir(readonly / "run")
+    finally:
+        readonly.chmod(0o755)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "ro"]   # checked without creating anything
+
+
+def test_a_new_workdir_is_made_by_the_lock_and_removed_with_it_when_nothing_was_written(tmp_path):
+    wd = Workdir(tmp_path / "a" / "b" / "run")
+    assert not (tmp_path / "a").exists()                 # Workdir(path) only checks
+    with wd.lock():
+        assert wd.path(".lock").exists()
+        Workdir(wd.root / "model")                       # a sub-workdir: nothing written in it either
+    assert not (tmp_path / "a").exists()                 # no folder, no .lock, no parent left
+    with wd.lock():
+        wd.write_json("results.json", {"a": 1})
+    assert sorted(p.name for p in wd.root.iterdir()) == [".lock", "results.json"]
+    (tmp_path / "existing").mkdir()
+    with Workdir(tmp_path / "existing").lock():
+        pass
+    assert list((tmp_path / "existing").iterdir()) == []  # an existing folder stays, without a .lock
 
 
 # ------------------------------------------------------------------------------------------- the lock
@@ -104,6 +131,55 @@ def test_the_marker_lists_every_file_and_any_later_write_removes_it_first(tmp_pa
     assert wd.read_completion() is None
 
 
+def _write_that_fails_at(monkeypatch, failing: int) -> list[str]:
+    """Makes the `failing`-th result write (counted from 1) fail with a full disk, through the project's own
+    write function; returns the names written."""
+    original, written = workdir_mod.atomic_write_bytes, []
+
+    def write(path, data, *, invalidate=True, result=True):
+        if invalidate and result:
+            written.append(os.path.basename(path))
+            if len(written) == failing:
+                raise workdir_mod.write_error(path, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+        return original(path, data, invalidate=invalidate, result=result)
+
+    monkeypatch.setattr(workdir_mod, "atomic_write_bytes", write)
+    return written
+
+
+def test_a_final_write_that_fails_part_way_puts_every_file_back(tmp_path, monkeypatch):
+    wd = Workdir(tmp_path / "run")
+    wd.write_json("results.json", {"old": 1})
+    wd.write_text("report.md", "old\n")
+    wd.save_state({"x": np.zeros(3)}, {"next_index": 3})
+    wd.write_completion({"config": {"seed": 0}})
+    before = {p.name: p.read_bytes() for p in wd.root.iterdir()}
+    written = _write_that_fails_at(monkeypatch, 4)
+    with pytest.raises(WorkdirError, match="disk is full"):
+        with wd.final_set():
+            wd.save_state({"x": np.ones(3)}, {"next_index": 3})   # a resume state: kept whatever happens
+            wd.write_json("results.json", {"new": 1})               # replaces an old file
+            Workdir(wd.root / "model").write_text("new.csv", "a\n")  # a new file in a new folder
+            wd.write_text("report.md", "new\n")
+            wd.write_text("tables.md", "never written\n")          # the 4th: the disk is full
+    assert written == ["results.json", "new.csv", "report.md", "tables.md"]
+    after = {p.name: p.read_bytes() for p in wd.root.iterdir()}
+    assert after.keys() == before.keys()                  # nothing new, no leftovers, the marker is back
+    assert {k: v for k, v in after.items() if k != "resume_state.npz"} == {
+        k: v for k, v in before.items() if k != "resume_state.npz"}
+    assert wd.load_state()[0]["x"].tolist() == [1, 1, 1]  # the state written in the block stays
+    assert wd.read_completion()["files"].keys() == {"results.json", "report.md"}
+    monkeypatch.undo()
+    wd.path(".results.json.before-final-write-1").write_text("left by a final write that was killed")
+    with wd.final_set():                                  # the same write on a free disk: the new set
+        wd.write_json("results.json", {"new": 1})
+        wd.write_text("report.md", "new\n")
+        wd.write_completion({"config": {"seed": 1}})
+    assert sorted(p.name for p in wd.root.iterdir()) == [COMPLETE_FILE, "report.md", "results.json",
+                                                           "resume_state.npz"]   # no moved-aside copies left
+    assert wd.read_json("results.json") == {"new": 1} and wd.read_completion()["config"] == {"seed": 1}
+
+
 # ------------------------------------------------------------------------------- damaged resume states
 
 @pytest.mark.parametrize("content", [b"", b"not a zip file at all", b"PK\x03\x04 truncated"])
@@ -156,7 +232,7 @@ def test_a_read_only_checkpoint_folder_still_gets_a_hash(tmp_path, monkeypatch):
 
     monkeypatch.setattr(workdir_mod.tempfile, "mkstemp", refuse)
     fingerprint._memory.clear()
-    assert len(fingerprint.weights(path)["sha256"]) == 64
+    assert fingerprint.weights(path)["sha256"] == hashlib.sha256(b"abc").hexdigest()   # computed, not cached
     assert not (tmp_path / "m.safetensors.sha256").exists()
 
 
@@ -171,12 +247,11 @@ def test_figure_dpi_comes_from_the_environment_and_is_checked(tmp_path, monkeypa
         monkeypatch.setenv(FIGURE_DPI_ENV, dpi)
         fig, ax = plt.subplots(figsize=(2, 1))
         ax.plot([0, 1])
-        png, pdf = Workdir(tmp_path / dpi).save_figure(fig, "f")
+        (png,) = Workdir(tmp_path / dpi).save_figure(fig, "f")   # PNG only unless PDF is asked for
         sizes[dpi] = Image.open(png).size
-        assert pdf.suffix == ".pdf" and pdf.stat().st_size > 0
     assert abs(sizes["100"][0] / sizes["50"][0] - 2) < 0.1
     monkeypatch.delenv(FIGURE_DPI_ENV)
-    assert figure_dpi() == 300
+    assert figure_dpi() == 150
     monkeypatch.setenv(FIGURE_DPI_ENV, "high")
     with pytest.raises(ValueError, match="VITSPARSE_JAX_FIGURE_DPI='high'"):
         figure_dpi()

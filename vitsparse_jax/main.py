@@ -1,4 +1,4 @@
-"""Entry point: python -m vitsparse_jax.main --config=configs/ablate.py [--config.x=y ...].
+"""Entry point: python -m vitsparse_jax.main --config=ablate [--config.x=y ...] (or --config=configs/ablate.py).
 
   --show_config   every field of the config: its value (after the --config.x=y overrides) and what it does
   --dry_run       the models, where their weights come from, the data, how many images and passes; no compute
@@ -7,68 +7,54 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from vitsparse_jax.runtime import errors
+from vitsparse_jax.runtime import config_files, errors
 from vitsparse_jax.runtime.config_defaults import expand_config_paths
 from vitsparse_jax.runtime.workdir import Workdir
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Experiment config file (configs/*.py[:preset]); set any field with --config.<name>=<value> "
-    "and list them all with --show_config.", lock_config=True)
+    "config", None, f"Experiment config: a shipped one by name ({', '.join(config_files.shipped_names())}; a "
+    "preset after a colon: ablate:paper) or a config file's path (configs/ablate.py[:preset]; the current "
+    "folder's configs/ first). Set any field with --config.<name>=<value> and list them all with --show_config.",
+    lock_config=True)
 _SHOW_CONFIG = flags.DEFINE_bool(
     "show_config", False, "Print every field of the config with its current value and a one-line help, then exit.")
 _DRY_RUN = flags.DEFINE_bool(
     "dry_run", False, "Print which models, weights (built-in, converted file, hub, untrained), data, and how many "
     "images and forward / backward passes the run would do, then exit: nothing is computed or written.")
-# Results files named by the line that ends a run, in this order (those the experiment wrote).
-RESULT_FILES = ("results.json", "results.csv", "tables.md", "receptive_fields.csv", "metrics.csv")
+# Reports named by the line that ends a run, in this order (those the run wrote); each experiment names its
+# result files (`result_files`).
+REPORT_FILES = ("report.html", "report.md")
 
 
 def run(config) -> dict:
-    from vitsparse_jax.experiments import REGISTRY
+    """The run of `config` (a parsed experiment config): `experiments.driver.run`, which owns the session,
+    the checks, the passes and the result files."""
+    from vitsparse_jax.experiments import driver
 
-    if config.experiment not in REGISTRY:
-        raise ValueError(f"unknown experiment {config.experiment!r}; one of {', '.join(REGISTRY)}")
-    from vitsparse_jax.runtime import parallel
-
-    parallel.initialize_distributed(**config.distributed)  # before anything touches a device
-    import jax
-
-    from vitsparse_jax.runtime import session
-
-    expand_config_paths(config)   # `~` and $VARS in every path field
-    workdir = Workdir(config.workdir)
-    # lock, 'already complete' check, stop signals; config.json, versions.json and COMPLETE.json at the end
-    with session.Session(config, workdir, data_identity=_data_identity) as s:
-        if s.complete is not None:
-            if jax.process_index() == 0:
-                print(s.describe_complete(), file=sys.stderr, flush=True)
-            return s.complete
-        results = REGISTRY[config.experiment](config, workdir)
-        s.finish()
-    return results
+    return driver.run(config)
 
 
-def _data_identity(config) -> str:
-    """The identity of config.data's images now (for the 'already complete' check)."""
-    from vitsparse_jax import data
+def finished_line(workdir: Workdir, result_files: Sequence[str]) -> str:
+    """The line that ends every run: where its reports (report.html first: the page to open) and results
+    files are, as absolute paths (a relative workdir is under the current directory)."""
+    root = Path(os.path.abspath(workdir.root))
 
-    return data.make_eval_source(config.data).identity
+    def listing(names: Sequence[str]) -> str:
+        found = [name for name in names if (root / name).exists()]
+        return f"{root / found[0]}" + "".join(f", {name}" for name in found[1:]) if found else ""
 
-
-def finished_line(workdir: Workdir) -> str:
-    """The line that ends every run: where its report and results files are."""
-    files = [name for name in RESULT_FILES if workdir.path(name).exists()]
-    report = workdir.path("report.md")
-    results = f"; results: {workdir.path(files[0])}" + "".join(f", {name}" for name in files[1:]) if files else ""
-    return f"report: {report}{results}"
+    reports, results = listing(REPORT_FILES), listing(result_files)
+    return f"report: {reports or root / 'report.md'}" + (f"; results: {results}" if results else "")
 
 
 class _TqdmStream:
@@ -92,14 +78,25 @@ def _drop_backend_probe(record: logging.LogRecord) -> bool:
     return not (record.levelno < logging.WARNING and str(record.msg).startswith("Unable to initialize backend"))
 
 
-def setup_logging() -> None:
-    """absl logging at INFO, through tqdm, without jax's backend-probing INFO lines."""
+class _ShortFormatter(logging.Formatter):
+    """'I 12:34:56 message': the level's letter and the time. absl's own prefix ('I1207 12:34:56.789012
+    140363222711168 resumable.py:306] ') takes 57 columns, so most log lines wrapped beside a progress bar;
+    --verbose keeps it (the file and line say where a line comes from)."""
+
+    def __init__(self) -> None:
+        super().__init__("%(levelname).1s %(asctime)s %(message)s", datefmt="%H:%M:%S")
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """absl logging at INFO, through tqdm (a log line is written above a progress bar, never into it), with a
+    short prefix (absl's own with `verbose`), without jax's backend-probing INFO lines."""
     logging.getLogger("absl").setLevel(logging.INFO)
     logging.getLogger("jax._src.xla_bridge").addFilter(_drop_backend_probe)
     logging.getLogger("fontTools").setLevel(logging.WARNING)   # font subsetting of every PDF figure, at INFO
     handler = absl_logging.get_absl_handler().python_handler
-    if handler.stream is sys.stderr:
+    if handler.stream in (sys.stderr, sys.__stderr__):   # not a log file (--log_dir); a notebook's stderr too
         handler.stream = _TqdmStream()
+    handler.setFormatter(absl_logging.PythonFormatter() if verbose else _ShortFormatter())
 
 
 def main(argv: list[str]) -> None:
@@ -107,8 +104,8 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if _CONFIG.value is None:
-        raise app.UsageError("--config is required, e.g. --config=configs/ablate.py")
-    setup_logging()
+        raise app.UsageError("--config is required. " + config_files.usage_hint())
+    setup_logging(verbose=_VERBOSE.value or errors.verbose_requested())
     config = _CONFIG.value
     if _SHOW_CONFIG.value or _DRY_RUN.value:
         expand_config_paths(config)
@@ -119,15 +116,17 @@ def main(argv: list[str]) -> None:
             print(config_help.describe_config(config, config_flags.get_config_filename(flag),
                                               config_flags.get_override_values(flag)), end="")
         if _DRY_RUN.value:
-            from vitsparse_jax.experiments import dry_run
+            from vitsparse_jax.experiments import driver
 
-            print(dry_run.describe(config), end="")
+            print(driver.describe(config), end="")
         return
     run(config)
     import jax
 
     if jax.process_index() == 0:
-        print(finished_line(Workdir(config.workdir)), flush=True)
+        from vitsparse_jax import experiments
+
+        print(finished_line(Workdir(config.workdir), experiments.get(config.experiment).result_files), flush=True)
 
 
 # --- errors and exit codes: user errors in one or two lines, stops with the conventional status -------------
@@ -179,12 +178,15 @@ def _unknown_field_message(exc: BaseException, argv: list[str]) -> str | None:
 
 def _parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, with config errors (unknown field, bad value, missing file, bad preset) as one or
-    two lines and exit status 2; --verbose shows the traceback."""
+    two lines and exit status 2; --verbose shows the traceback. The --config value is resolved first:
+    `--config=ablate` and `--config=configs/ablate.py` work from any directory (runtime/config_files.py)."""
+    argv = config_files.resolve_argv(argv)
     try:
         rest = flags.FLAGS(argv)
         config = flags.FLAGS["config"].value
-        if config is not None:
-            config.get("experiment")   # a config file that failed to load raises only when it is used
+        if config is None:
+            raise ValueError("--config is required. " + config_files.usage_hint())
+        config.get("experiment")   # a config file that failed to load raises only when it is used
         return rest
     except Exception as e:  # noqa: BLE001
         if errors.verbose_requested(argv):
@@ -195,8 +197,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
             if "Failed loading config file" in text or "earlier failure to load" in text:
                 spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "?")
                 cause = next((line.strip() for line in reversed(text.splitlines()) if line.strip()), "")
-                text = (f"cannot load the config file {spec}: {cause}. Give one of the files in configs/, e.g. "
-                        "--config=configs/ablate.py (a preset after a colon: configs/ablate.py:paper)")
+                text = f"cannot load the config file {spec}: {cause}. {config_files.usage_hint()}"
             elif "Traceback" in text:   # a config file that raised: its last line, without the error's type
                 text = text.strip().splitlines()[-1].strip()
                 text = re.sub(r"^[A-Za-z_.]*(Error|Exception): ", "", text)
@@ -236,6 +237,8 @@ def cli(argv: Sequence[str]) -> int:
     two steps."""
     argv, saved = list(argv), sys.argv
     sys.argv = argv   # ml_collections reads the --config.x overrides from sys.argv; the run records it as its command
+    if not logging.getLogger().handlers:   # the caller set up no logging: log as `python -m` does (app.run
+        absl_logging.use_absl_handler()    # installs this handler), not through the stdlib's basicConfig
     try:
         for name in [n for n in flags.FLAGS if n.startswith("config.")]:
             delattr(flags.FLAGS, name)   # the last parse's --config.x override flags (ml_collections adds them)
@@ -244,6 +247,8 @@ def cli(argv: Sequence[str]) -> int:
             rest = _parse_flags(argv)
         except SystemExit as e:   # a flag or config error (printed), or --help
             return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if flags.FLAGS["verbosity"].using_default_value:   # INFO unless --verbosity says otherwise, as app.run
+            flags.FLAGS.verbosity = 0
         return run_parsed(rest)
     finally:
         sys.argv = saved

@@ -1,6 +1,7 @@
 """Eval data: sources (TFDS, image folders, digits), timm-exact preprocessing, sharded batches.
 
     x = data.load_images(["cat.jpg", "dog.png"], pretrained_cfg)  # files -> normalised (B, S, S, 3) batch
+    x = data.load_images([data.example_image()], pretrained_cfg)   # the photograph shipped for examples
     source = data.make_eval_source(config.data)
     for batch in data.batches(source, pretrained_cfg, batch_size):   # mesh: every device unless given
         x = data.normalize(batch["image"], pretrained_cfg)     # on device, float32
@@ -11,6 +12,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from vitsparse_jax.data.cache import CropCache
+from vitsparse_jax.data.examples import example_image
 from vitsparse_jax.data.pipeline import Batch, ImageLoader, batches, default_num_workers, num_batches
 from vitsparse_jax.data.sources import (
     DatasetNotPreparedError,
@@ -76,5 +78,5 @@ def make_eval_source(cfg: Mapping[str, Any]) -> Source:
 
 __all__ = ["Batch", "CropCache", "DatasetNotPreparedError", "DigitsSource", "EvalTransform", "FolderSource",
            "ImageLike", "ImageLoader", "Record", "SOURCES", "Source", "Subset", "TfdsSource", "batches",
-           "check_labels", "decode_image", "default_num_workers", "imagenet_wnids", "load_images",
+           "check_labels", "decode_image", "default_num_workers", "example_image", "imagenet_wnids", "load_images",
            "make_eval_source", "normalize", "num_batches", "read_image", "subset"]

@@ -4,7 +4,9 @@ Batch b holds images [start + b*B, start + (b+1)*B) of the source, in order; row
 padding (valid=False, index=-1, label=-1). An image that cannot be decoded keeps its row and index with
 valid=False and is recorded in `source.skipped`, so `(index >= 0) & ~valid` counts failures on device,
 across hosts. Each process reads, decodes and crops only the rows that live on its own devices, on a
-thread pool (PIL releases the GIL), `prefetch` batches ahead of the consumer.
+thread pool (PIL releases the GIL), `prefetch` batches ahead of the consumer. Every row also carries the
+content digest of the bytes its image was decoded from (`digest`, zeros for padding and vanished files), so
+the resumable pass can keep it with its state wherever the row was read.
 """
 from __future__ import annotations
 
@@ -21,8 +23,9 @@ from vitsparse_jax.data.cache import CropCache
 from vitsparse_jax.data.sources import Source, check_labels
 from vitsparse_jax.data.transforms import EvalTransform, decode_image
 from vitsparse_jax.runtime import parallel
+from vitsparse_jax.runtime.fingerprint import DIGEST_SIZE, MISSING_DIGEST, content_digest
 
-Batch = dict[str, jax.Array]  # image uint8 (B,S,S,3), label int32, index int32, valid bool
+Batch = dict[str, jax.Array]  # image uint8 (B,S,S,3), label int32, index int32, valid bool, digest uint8 (B,16)
 
 
 def default_num_workers() -> int:
@@ -30,45 +33,46 @@ def default_num_workers() -> int:
 
 
 class ImageLoader:
-    """Image i of a source -> (uint8 crop or None if unreadable, label); thread-safe, cache-aware."""
+    """Image i of a source -> (uint8 crop or None if unreadable, label, content digest); thread-safe,
+    cache-aware. The bytes are always read (their digest is the image's content); the cache saves the decode
+    and is keyed by that digest, so a file replaced in place is never served from the old entry."""
 
     def __init__(self, source: Source, transform: EvalTransform, cache: CropCache | None = None):
         self.source, self.transform, self.cache = source, transform, cache
 
-    def __call__(self, i: int) -> tuple[np.ndarray | None, int]:
-        key = self.source.key(i) if self.cache else None
-        cached = self.cache.get(key) if self.cache else None
-        if isinstance(cached, np.ndarray):
-            return cached, self.source.label(i)
-        if isinstance(cached, str):
-            self.source.mark_skipped(i, cached)
-            return None, self.source.label(i)
+    def __call__(self, i: int) -> tuple[np.ndarray | None, int, bytes]:
         try:
             record = self.source.read(i)
         except OSError as e:   # the file vanished, a dangling symlink, no permission: skipped and counted,
-            self.source.mark_skipped(i, f"{type(e).__name__}: {e}")   # not cached (it may come back)
-            return None, self.source.label(i)
-        try:
-            crop: np.ndarray | str = self.transform(decode_image(record.data))
-        except Exception as e:  # unreadable image content of any kind: skipped and counted, never fatal
-            crop = f"{type(e).__name__}: {e}"
-        if self.cache:
-            self.cache.put(key, crop)
+            self.source.mark_skipped(i, f"{type(e).__name__}: {e.strerror or e}")   # not cached (may come back)
+            return None, self.source.label(i), MISSING_DIGEST
+        digest = content_digest(record.data)
+        key = self.source.key(i) if self.cache else None
+        crop = self.cache.get(key, digest) if self.cache else None
+        if crop is None:
+            try:
+                crop = self.transform(decode_image(record.data))
+            except Exception as e:  # unreadable image content of any kind: skipped and counted, never fatal
+                crop = f"{type(e).__name__}: {e}"
+            if self.cache:
+                self.cache.put(key, digest, crop)
         if isinstance(crop, str):
             self.source.mark_skipped(i, crop)
-            return None, record.label
-        return crop, record.label
+            return None, record.label, digest
+        return crop, record.label, digest
 
     def local_batch(self, indices: np.ndarray, futures: list[cf.Future | None],
                     num_classes: int | None) -> dict[str, np.ndarray]:
         """Host arrays of one process's rows from finished loads (index -1 = padding)."""
         n, (h, w) = len(indices), self.transform.size
         out = {"image": np.zeros((n, h, w, 3), np.uint8), "label": np.full(n, -1, np.int32),
-               "index": indices.astype(np.int32), "valid": np.zeros(n, bool)}
+               "index": indices.astype(np.int32), "valid": np.zeros(n, bool),
+               "digest": np.zeros((n, DIGEST_SIZE), np.uint8)}
         for r, future in enumerate(futures):
             if future is None:
                 continue
-            crop, label = future.result()
+            crop, label, digest = future.result()
+            out["digest"][r] = np.frombuffer(digest, np.uint8)
             if num_classes and label >= num_classes:
                 raise ValueError(f"image {indices[r]} of {self.source.name} has label {label}, outside the "
                                  f"model's {num_classes} classes")

@@ -79,17 +79,31 @@ class Source(abc.ABC):
             self._labels = np.array([self.label(i) for i in range(len(self))], dtype=np.int32)
         return self._labels
 
+    def digest(self, i: int) -> bytes:
+        """The content digest of image i as it is now (`runtime.fingerprint.content_digest` of the bytes the
+        decoder reads; read only, no decode); `fingerprint.MISSING_DIGEST` if it cannot be read at all."""
+        from vitsparse_jax.runtime.fingerprint import MISSING_DIGEST, content_digest
+
+        try:
+            return content_digest(self.read(i).data)
+        except OSError:
+            return MISSING_DIGEST
+
+    def file_name(self, i: int) -> str:
+        """Image i's name for messages and skipped lists: its file (a folder: the path below the root)."""
+        return self.key(i)
+
     def mark_skipped(self, i: int, reason: str) -> None:
         with self._skip_lock:
             self.skipped[i] = reason
 
     def skipped_files(self, limit: int = SKIPPED_LISTED) -> list[dict[str, Any]]:
-        """The first `limit` images that could not be read, by index: index, file (the source's key) and reason.
+        """The first `limit` images that could not be read, by index: index, file (`file_name`) and reason.
 
         On several hosts each host decodes only its share of every batch, so this lists this host's."""
         with self._skip_lock:
             first = sorted(self.skipped.items())[:limit]
-        return [{"index": i, "file": self.key(i), "reason": reason} for i, reason in first]
+        return [{"index": i, "file": self.file_name(i), "reason": reason} for i, reason in first]
 
     def describe(self) -> dict[str, Any]:
         """For results metadata: `skipped` counts the unreadable images, `skipped_files` names the first 100."""
@@ -185,6 +199,8 @@ class TfdsSource(Source):
         features = builder.info.features
         self.image_key = image_key or _feature_key(features, tfds.features.Image, name)
         self.label_key = label_key or _feature_key(features, tfds.features.ClassLabel, name, optional=True)
+        self._file_key = ("file_name" if "file_name" in features.keys()
+                          and isinstance(features["file_name"], tfds.features.Text) else None)
         try:
             self._ds = builder.as_data_source(split=split,
                                               decoders={self.image_key: tfds.decode.SkipDecoding()})
@@ -193,7 +209,7 @@ class TfdsSource(Source):
                 f"{name} in {builder.data_dir} is stored as {builder.info.file_format}; this project reads "
                 "ArrayRecord. Rebuild with `tfds build ... --file_format=array_record` (docs/data.md), or "
                 f"convert it with `tfds convert_format` (needs tensorflow). TFDS said: {e}") from e
-        self.name = f"tfds:{name}:{split}"
+        self.name, self._split = f"tfds:{name}:{split}", split
         self._identity = f"tfds:{builder.info.full_name}:{split}"
         self._map: np.ndarray | None = None
         if self.label_key:
@@ -208,6 +224,17 @@ class TfdsSource(Source):
 
     def key(self, i: int) -> str:
         return str(self._check_index(i))
+
+    def file_name(self, i: int) -> str:
+        """The example's original file name where the dataset keeps one (ImageNet's `file_name`), else
+        `<split>[i]`."""
+        if self._file_key:
+            try:
+                name = self._ds[self._check_index(i)][self._file_key]
+                return name.decode() if isinstance(name, bytes) else str(name)
+            except Exception:  # noqa: BLE001  (the record itself is unreadable: name it by position)
+                pass
+        return f"{self._split}[{i}]"
 
     def read(self, i: int) -> Record:
         return self._record(self._ds[self._check_index(i)])
@@ -414,6 +441,9 @@ class Subset(Source):
 
     def key(self, i: int) -> str:
         return self.base.key(int(self.indices[self._check_index(i)]))
+
+    def file_name(self, i: int) -> str:
+        return self.base.file_name(int(self.indices[self._check_index(i)]))
 
     def label(self, i: int) -> int:
         return self.base.label(int(self.indices[self._check_index(i)]))

@@ -18,7 +18,7 @@ from typing import Any, Mapping, Sequence, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 # timm.data.constants
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
@@ -169,7 +169,12 @@ def decode_image(data: bytes | np.ndarray | Image.Image) -> Image.Image:
         if data.dtype != np.uint8:
             raise TypeError(f"decoded images must be uint8 arrays, got {data.dtype}")
         return Image.fromarray(data).convert("RGB")
-    with Image.open(io.BytesIO(data)) as img:
+    try:
+        img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:   # PIL's own text names the in-memory buffer (<_io.BytesIO object at 0x...>)
+        raise UnidentifiedImageError(f"not an image format PIL can read ({len(data)} bytes starting "
+                                     f"{bytes(data[:8])!r})") from None
+    with img:
         img.load()  # decode everything now: a truncated file raises here, not later
         return img.convert("RGB")
 

@@ -39,10 +39,18 @@ def _sidecar_source(weights: str) -> str:
 
 
 def provenance(model: Mapping[str, Any]) -> dict[str, Any]:
-    """Where a model's weights came from, from `LoadedModel.describe()` (its 'source' and 'weights').
+    """Where a model's weights came from, from `LoadedModel.describe()` (its 'source' and 'weights'), and why
+    it runs at another size than its arch's default when it does ('size_note').
 
     Returns {'kind': one of KINDS, 'trained': bool | None (None = unknown), 'detail': text}.
     """
+    prov = _origin(model)
+    if model.get("size_note"):
+        prov["detail"] += f"; {model['size_note']}"
+    return prov
+
+
+def _origin(model: Mapping[str, Any]) -> dict[str, Any]:
     weights = str(model.get("weights") or "")
     source = str(model.get("source") or "")
     recorded = "" if source.startswith("hf-hub:") else _sidecar_source(weights)

@@ -6,8 +6,9 @@ docs/design.md for captures, stages and mask sites. A block: depthwise 7x7 conv,
 eps 1e-6), Linear -> exact GELU -> Linear, layer scale `gamma`, residual add. Head: global average pool,
 LayerNorm, fc (timm's NormMlpClassifierHead without hidden layer).
 
-Units (SPEC section 6): a channel of the GELU output inside each block's MLP (`...mlp.act`), the activation
-that follows the spatial conv; mask sites and ablation sites are every block's `mlp.act`, in forward order.
+Units (docs/science.md#convnext-units): a channel of the GELU output inside each block's MLP (`...mlp.act`),
+the activation that follows the spatial conv; mask sites and ablation sites are every block's `mlp.act`, in
+forward order.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ FAMILY = "convnext"
 LN_EPS = 1e-6
 
 _IMAGENET = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
-# SPEC section 6 pins `fb_in1k` (timm's own default tags are in12k_ft_in1k for tiny / small and
+# docs/science.md#models pins `fb_in1k` (timm's own default tags are in12k_ft_in1k for tiny / small and
 # fb_in22k_ft_in1k for base; converted checkpoints carry their real pretrained_cfg in the JSON).
 _FB_CFG = {"tag": "fb_in1k", "input_size": (3, 224, 224), "crop_pct": 0.875, "interpolation": "bicubic",
            "num_classes": 1000, **_IMAGENET}

@@ -34,6 +34,8 @@ def split_name(name: str) -> tuple[str, str | None]:
 
 
 def list_models(pattern: str = "*") -> list[str]:
+    """The registered architectures matching `pattern` (fnmatch). With their pretrained tags, as timm's
+    `list_models(filter, pretrained=True)`: `vitsparse_jax.weights.list_models` (the tags are the weights')."""
     names = []
     for mod in _family_modules().values():
         names.extend(mod.ARCHS)

@@ -31,7 +31,7 @@ def _uniform(bound: float) -> nn.initializers.Initializer:
 
 
 _IMAGENET = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
-# timm `resnet*.tv_in1k`, the SPEC's pinned tag. timm's own default tag is a1_in1k (a1h_in1k for
+# timm `resnet*.tv_in1k`, the pinned tag (docs/science.md#models). timm's own default tag is a1_in1k (a1h_in1k for
 # resnet152; bicubic, crop 0.95); converted checkpoints carry their real pretrained_cfg in the JSON.
 _TV_CFG = {"tag": "tv_in1k", "input_size": (3, 224, 224), "crop_pct": 0.875, "interpolation": "bilinear",
            "num_classes": 1000, **_IMAGENET}

@@ -44,7 +44,7 @@ def torch_conv_uniform(fan_in: int) -> Callable:
 # Layers
 
 class Attention(nn.Module):
-    """Multi-head self-attention; keep factors multiply the post-softmax columns (SPEC sec. 3)."""
+    """Multi-head self-attention; keep factors multiply the post-softmax columns (docs/science.md#ablation-units)."""
 
     dim: int
     num_heads: int

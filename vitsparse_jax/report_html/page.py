@@ -1,7 +1,10 @@
 """report.html: one self-contained page (no network: scripts, styles and images inline) per experiment.
 
-`write_report_html` renders the run's report.md text (Python-Markdown with `tables`), inlines every figure as
-a base64 PNG within a size budget (`FIGURE_MAX_SIDE`, `FIGURE_MAX_BYTES`), then the interactive explorers:
+`write_report_html` renders the run's report.md text (Python-Markdown with `tables`; its first `# heading` is
+the page's one heading, any later one becomes a section heading; every table scrolls sideways in its own box),
+inlines every figure as a base64 PNG within a size budget (`FIGURE_MAX_SIDE`, `FIGURE_MAX_BYTES`), shown at its
+natural size (`FIGURE_PX_PER_INCH`, from the PNG's dpi) but never wider than the page, then the interactive
+explorers:
 each `Explorer` brings its markup, its JS (run after load as a function body with `data` and `vj` in scope,
 `vj` = the helpers of static/common.js) and its JSON data, numpy arrays encoded with `encode_array`.
 """
@@ -12,7 +15,9 @@ import dataclasses
 import html
 import io
 import json
+import logging
 import re
+import time
 from importlib import resources
 from pathlib import Path
 from typing import Any, Sequence
@@ -22,8 +27,11 @@ from PIL import Image
 
 from vitsparse_jax.runtime.workdir import Workdir
 
+log = logging.getLogger(__name__)
+
 FIGURE_MAX_SIDE = 1400          # px, longest side of an inlined figure
 FIGURE_MAX_BYTES = 300_000      # bytes of PNG per inlined figure (shrunk by 0.8 steps until it fits)
+FIGURE_PX_PER_INCH = 100        # CSS px per inch of a figure: its natural size, as matplotlib and Jupyter show it
 ARRAY_KINDS = ("float16", "uint8", "uint8_raw", "uint16", "int32")
 
 
@@ -104,6 +112,24 @@ def image_data_url(img: np.ndarray | Image.Image, fmt: str = "png", max_side: in
     return f"data:{mime};base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def figure_width(path: Path) -> int | None:
+    """The natural display width of a figure PNG in CSS px: its width in inches (pixels / the dpi its PNG
+    records, as matplotlib writes it) x FIGURE_PX_PER_INCH; None when the PNG records no dpi."""
+    with Image.open(path) as im:
+        dpi = im.info.get("dpi")
+        width = im.width
+    if not dpi or not dpi[0] or dpi[0] <= 0:
+        return None
+    return max(1, round(width / float(dpi[0]) * FIGURE_PX_PER_INCH))
+
+
+def figure_img(path: Path, alt: str) -> str:
+    """An <img> of a figure PNG: inlined within the budget (`figure_data_url`), at its natural width."""
+    width = figure_width(path)
+    size = f' width="{width}"' if width else ""
+    return f'<img alt="{html.escape(alt)}" src="{figure_data_url(path)}"{size}>'
+
+
 def figure_data_url(path: Path, max_side: int = FIGURE_MAX_SIDE, max_bytes: int = FIGURE_MAX_BYTES) -> str:
     """A figure PNG re-encoded within the budget: longest side <= max_side, PNG bytes <= max_bytes
     (256-colour palette, then shrunk by 0.8 steps)."""
@@ -124,9 +150,12 @@ def _resized(img: Image.Image, factor: float) -> Image.Image:
     return img.resize(size, Image.Resampling.LANCZOS)
 
 
-def static_text(name: str) -> str:
-    """A file of the package's `report_html/static/` folder (common.js, style.css, an explorer's .js)."""
-    return resources.files("vitsparse_jax.report_html").joinpath("static", name).read_text(encoding="utf-8")
+def static_text(name: str, package: str = "vitsparse_jax.report_html") -> str:
+    """A text file shipped with a package: by default the page's own `static/` files (common.js, style.css);
+    an experiment's explorer script sits in its own folder (`static_text("explorer.js", __package__)`)."""
+    folder = resources.files(package)
+    return (folder.joinpath("static", name) if package == "vitsparse_jax.report_html" else folder.joinpath(name)
+            ).read_text(encoding="utf-8")
 
 
 def _script_json(obj: Any) -> str:
@@ -135,6 +164,8 @@ def _script_json(obj: Any) -> str:
 
 
 _SRC = re.compile(r'(<img\b[^>]*?\bsrc=")([^"]*)(")', re.I)
+_H1 = re.compile(r"<h1>(.*?)</h1>", re.I | re.S)
+_TH = re.compile(r"(<th\b[^>]*>)([^<]*)(</th>)", re.I)   # a header cell of plain text
 _HREF = re.compile(r'(<a\b[^>]*?\bhref=")([^"]*)(")', re.I)
 _NETWORK = re.compile(r"^(?:[a-z][a-z0-9+.-]*:)?//", re.I)
 _EXTERNAL = re.compile(r'<a\b[^>]*?\bhref="((?:https?:)?//[^"]*)"[^>]*>(?P<text>.*?)</a>', re.I | re.S)
@@ -149,7 +180,8 @@ def _fix_links(body: str, workdir: Workdir, inlined: set[str]) -> str:
         p = workdir.path(src) if not _NETWORK.match(src) and ":" not in src.split("/")[0] else None
         if p is not None and p.suffix.lower() == ".png" and p.is_file():
             inlined.add(src)
-            return m.group(1) + figure_data_url(p) + m.group(3)
+            width = figure_width(p)
+            return m.group(1) + figure_data_url(p) + m.group(3) + (f' width="{width}"' if width else "")
         return m.group(1) + m.group(3)   # an empty src loads nothing
 
     def link(m: re.Match) -> str:
@@ -165,15 +197,35 @@ def _fix_links(body: str, workdir: Workdir, inlined: set[str]) -> str:
     return _HREF.sub(link, body)
 
 
+def one_heading(body_html: str, title: str) -> tuple[str, str]:
+    """(page heading as HTML, body): a body that starts with an <h1> gives the page its heading (else the
+    escaped `title`); every other <h1> of the body becomes an <h2>, so the page has one <h1>."""
+    first = _H1.match(body_html.lstrip())
+    heading = html.escape(title)
+    if first:
+        heading, body_html = first.group(1).strip(), body_html.lstrip()[first.end():]
+    return heading, _H1.sub(r"<h2>\1</h2>", body_html)
+
+
+def _scrolling_tables(body_html: str) -> str:
+    """Every <table> in a box that scrolls sideways (style.css .vj-table), so a wide table is never clipped;
+    column names may break after an underscore (<wbr>), so tables of long snake_case names stay narrow."""
+    body_html = re.sub(r"<table\b", '<div class="vj-table"><table', body_html, flags=re.I)
+    body_html = re.sub(r"</table>", "</table></div>", body_html, flags=re.I)
+    return _TH.sub(lambda m: m.group(1) + m.group(2).replace("_", "_<wbr>") + m.group(3), body_html)
+
+
 def render_page(title: str, body_html: str, figures_html: str, explorers: Sequence[Explorer]) -> str:
-    """The whole page as text (no I/O besides the package's static files)."""
+    """The whole page as text (no I/O besides the package's static files). `title`: the window title, and the
+    page heading unless the body starts with its own <h1> (`one_heading`)."""
     keys = [e.key for e in explorers]
     if len(set(keys)) != len(keys) or any(not re.fullmatch(r"[a-z][a-z0-9_]*", k) for k in keys):
         raise ValueError(f"explorer keys must be unique lower-case identifiers, got {keys}")
+    heading, body_html = one_heading(body_html, title)
     parts = ["<!doctype html>", '<html lang="en"><head><meta charset="utf-8">',
              '<meta name="viewport" content="width=device-width, initial-scale=1">',
              f"<title>{html.escape(title)}</title>", f"<style>{static_text('style.css')}</style></head><body>",
-             f'<header><h1>{html.escape(title)}</h1><nav><a href="#report">report</a>'
+             f'<header><h1>{heading}</h1><nav><a href="#report">report</a>'
              + (' · <a href="#figures">figures</a>' if figures_html else "")
              + "".join(f' · <a href="#{e.key}-explorer">{html.escape(e.title)}</a>' for e in explorers)
              + "</nav></header><main>"]
@@ -203,11 +255,21 @@ def write_report_html(workdir: Workdir, title: str, report_markdown: str, figure
     the text already shows it as `![..](<stem>.png)`; a missing one is named in the page instead);
     `explorers`: the interactive panels, after the figures (the header links to each).
     """
+    from vitsparse_jax.runtime import timing
+
+    with timing.phase("report_html"):   # the run's time: report.html apart from the other files
+        return _write_report_html(workdir, title, report_markdown, figures, explorers)
+
+
+def _write_report_html(workdir: Workdir, title: str, report_markdown: str, figures: list[tuple[str, str]],
+                       explorers: Sequence[Explorer]) -> Path:
     import markdown  # the well-kept Python-Markdown
 
+    start = time.perf_counter()
+    log.info("writing %s (%d figures, %d explorers)", workdir.path("report.html"), len(figures), len(explorers))
     body = markdown.markdown(report_markdown, extensions=["tables"], output_format="html")
     inlined: set[str] = set()
-    body = _fix_links(body, workdir, inlined)
+    body = _scrolling_tables(_fix_links(body, workdir, inlined))
     figs = []
     for stem, caption in figures:
         if f"{stem}.png" in inlined:   # report.md already shows it in place
@@ -215,8 +277,9 @@ def write_report_html(workdir: Workdir, title: str, report_markdown: str, figure
         p = workdir.path(f"{stem}.png")
         cap = f"<figcaption><b>{html.escape(stem)}</b> {html.escape(caption)}</figcaption>"
         if p.is_file():
-            figs.append(f'<figure id="fig-{html.escape(stem)}"><img alt="{html.escape(stem)}" '
-                        f'src="{figure_data_url(p)}">{cap}</figure>')
+            figs.append(f'<figure id="fig-{html.escape(stem)}">{figure_img(p, stem)}{cap}</figure>')
         else:
             figs.append(f'<figure id="fig-{html.escape(stem)}"><p>(missing: {html.escape(p.name)})</p>{cap}</figure>')
-    return workdir.write_text("report.html", render_page(title, body, "\n".join(figs), explorers))
+    path = workdir.write_text("report.html", render_page(title, body, "\n".join(figs), explorers))
+    log.info("report.html written (%.1f s)", time.perf_counter() - start)
+    return path

@@ -50,9 +50,15 @@ def base_config(experiment: str) -> ml_collections.ConfigDict:
     c.head_weights = ""        # a linear classifier for a headless tower (DINOv2, SigLIP, CLIP, MAE), e.g. a linear
                                # probe: .npz or .safetensors with 'weight' (num_classes, dim) and 'bias' (num_classes,)
     c.seed = 0                 # seeds random draws and the untrained (timm) initialisation
-    c.workdir = f"runs/{experiment}"  # output folder: results, figures, report.md, resume state
+    c.workdir = f"runs/{experiment}"  # output folder: results, figures, report.html, report.md, resume state; a
+                                      # relative path is under the current directory (the last line of a run
+                                      # prints the full path)
     c.resume = True            # continue an interrupted run found in workdir
     c.progress = True          # progress bar
+    c.figures = ""             # figure files: 'png' or 'png,pdf' (adds vector PDFs, for print: slower to write);
+                               # '' = $VITSPARSE_JAX_FIGURE_FORMATS, else 'png'
+    c.figure_dpi = 0           # PNG resolution in dots per inch (300 for print: slower); 0 = $VITSPARSE_JAX_FIGURE_DPI,
+                               # else 150
     c.data = data_config()
     c.distributed = ml_collections.ConfigDict()
     c.distributed.coordinator = ""   # 'host:port' of process 0; '' = single process (or auto on TPU pods)

@@ -7,6 +7,13 @@
 - Data: the source's `identity` (an image folder: its ordered file list with sizes and mtimes; TFDS: the
   dataset's full name with its version, and the split; the digits: a constant), its name (with the subset)
   and its number of images.
+- Images: `content_digest(data)`, a fixed-size digest (DIGEST_SIZE bytes of sha256) of the bytes the decoder
+  reads (an encoded file, or a decoded array with its shape and dtype). The pipeline puts it in every batch
+  row (`batch['digest']`) and the resumable pass keeps it for every processed image, so a resume re-reads
+  and re-hashes the images already processed instead of trusting sizes and mtimes.
+
+`sha256_file` (runtime/hashing.py) is the one streaming file hash (weights, head files, hub downloads, the
+completion marker's file list).
 """
 from __future__ import annotations
 
@@ -16,8 +23,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+from vitsparse_jax.runtime.hashing import DIGEST_SIZE, MISSING_DIGEST, content_digest, sha256_file
+
+__all__ = ["DIGEST_SIZE", "MISSING_DIGEST", "content_digest", "data", "file_sha256", "inputs", "sha256_file",
+           "sidecar_path", "weights"]
 SIDECAR_SUFFIX = ".sha256"
-_CHUNK = 1 << 20
 _memory: dict[tuple, str] = {}
 _PACKAGE = Path(__file__).resolve().parents[1]   # vitsparse_jax/ (its assets are never written to)
 
@@ -49,11 +59,7 @@ def file_sha256(path: str | os.PathLike) -> str:
             return _memory[key]
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    digest = h.hexdigest()
+    digest = sha256_file(path)
     _memory[key] = digest
     if _PACKAGE in path.resolve().parents:   # the shipped built-in checkpoints: small, hashed each time
         return digest
@@ -88,28 +94,22 @@ def data(source: Any) -> dict[str, Any]:
     return {"identity": source.identity, "name": source.name, "num_images": len(source)}
 
 
-# Inputs of the run in progress (this process), for the completion marker: every resume key's weights and
-# data entries, recorded by `resumable.run_resumable` (and by experiments that reuse finished parts).
-_recorded: dict[str, dict[str, Any]] = {}
+def inputs(key: Any) -> list[dict[str, Any]]:
+    """The weights ({'weights', 'sha256'}) and data ({'identity'}) entries found in a resume key, in the form
+    of the completion marker's `inputs`."""
+    found: dict[str, dict[str, Any]] = {}
 
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if "sha256" in node and "weights" in node:
+                found[f"weights:{node['weights']}"] = {"weights": str(node["weights"]), "sha256": node["sha256"]}
+            elif "identity" in node:
+                found[f"data:{node['identity']}"] = {"identity": str(node["identity"])}
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, (list, tuple)):
+            for value in node:
+                walk(value)
 
-def record(key: Any) -> None:
-    """Notes the weights ({'weights', 'sha256'}) and data ({'identity', ...}) entries found in a resume key."""
-    if isinstance(key, dict):
-        if "sha256" in key and "weights" in key:
-            _recorded[f"weights:{key['weights']}"] = {"weights": str(key["weights"]), "sha256": key["sha256"]}
-        elif "identity" in key:
-            _recorded[f"data:{key['identity']}"] = {"identity": str(key["identity"])}
-        for value in key.values():
-            record(value)
-    elif isinstance(key, (list, tuple)):
-        for value in key:
-            record(value)
-
-
-def recorded() -> list[dict[str, Any]]:
-    return [_recorded[k] for k in sorted(_recorded)]
-
-
-def reset_recorded() -> None:
-    _recorded.clear()
+    walk(key)
+    return [found[k] for k in sorted(found)]

@@ -5,21 +5,27 @@ A result file is either absent or complete: every write goes to a temporary file
 is moved into place with os.replace. The set of a run's result files is complete and consistent when
 `COMPLETE.json` exists: it is written last, lists every file with its size and sha256, and is removed
 before anything in the workdir is written again (docs/design.md, "Guarantees").
+
+The folder is created by the lock (or the first write), not by `Workdir(path)`; a run that wrote nothing
+leaves no folder and no `.lock` at a path that did not exist. `Workdir.final_set()` makes the final write
+of a run all or nothing: a write that fails part-way (a full disk) puts back every file as it was.
 """
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import csv
 import datetime
 import errno
-import hashlib
 import io
 import json
+import logging
 import os
 import platform
 import socket
 import sys
 import tempfile
+import time
 import zipfile
 from importlib import metadata
 from pathlib import Path
@@ -28,9 +34,16 @@ from typing import Any, Iterable, Iterator, Mapping
 import numpy as np
 
 from vitsparse_jax.runtime.errors import StateError, WorkdirError, WorkdirLocked
+from vitsparse_jax.runtime.hashing import sha256_file
 
+log = logging.getLogger(__name__)
 RESUME_FILE = "resume_state.npz"
-FIGURE_DPI_ENV = "VITSPARSE_JAX_FIGURE_DPI"   # PNG resolution of the figures (figure_dpi)
+FIGURE_DPI_ENV = "VITSPARSE_JAX_FIGURE_DPI"           # PNG resolution when config.figure_dpi is 0 (tests: 60)
+FIGURE_FORMATS_ENV = "VITSPARSE_JAX_FIGURE_FORMATS"   # figure files when config.figures is '' (e.g. 'png,pdf')
+DEFAULT_FIGURE_DPI = 150                              # screen and report.html; 300 for print
+FIGURE_FORMATS = ("png", "pdf")                       # what save_figure can write (png: report.html inlines it)
+_FIGURE_OPTIONS: contextvars.ContextVar[tuple[tuple[str, ...] | None, int | None]] = contextvars.ContextVar(
+    "vitsparse_jax_figure_options", default=(None, None))   # the run's config.figures / figure_dpi (figure_options)
 COMPLETE_FILE = "COMPLETE.json"   # the completion marker: written last, removed before any other write
 LOCK_FILE = ".lock"
 _ROOTS: set[Path] = set()          # every Workdir root of this process (see _invalidate_completion)
@@ -65,20 +78,37 @@ def write_error(path: str | os.PathLike, e: OSError, what: str = "write") -> OSE
     return err
 
 
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
 def _invalidate_completion(path: Path) -> None:
-    """Removes the completion marker of every workdir that `path` lies in (before `path` changes)."""
+    """Removes the completion marker of every workdir that `path` lies in (before `path` changes); during a
+    final write (`Workdir.final_set`) the marker is moved aside instead, to be put back if the write fails."""
     for root in list(_ROOTS):
         marker = root / COMPLETE_FILE
-        if path != marker and (path == root or root in path.parents) and marker.exists():
-            marker.unlink(missing_ok=True)
+        if path != marker and _inside(path, root) and marker.exists():
+            journal = next((j for j in _FINAL_SETS if _inside(marker, j.root)), None)
+            if journal is not None:
+                journal.before_change(marker)
+            else:
+                marker.unlink(missing_ok=True)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, invalidate: bool = True) -> Path:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, invalidate: bool = True,
+                       result: bool = True) -> Path:
     """Writes `data` to `path` atomically. `invalidate`: first remove the completion marker of a workdir that
-    holds `path` (False only for caches that never change results, e.g. a weights file's sha256)."""
+    holds `path` (False only for caches that never change results, e.g. a weights file's sha256). `result`:
+    the file belongs to a run's result set, so a final write in progress (`Workdir.final_set`) can undo it
+    (False for resume states and caches, which outlive a failed final write)."""
     path = Path(path)
     if invalidate and _ROOTS:
         _invalidate_completion(Path(os.path.abspath(path)))
+    if invalidate and result and _FINAL_SETS:
+        absolute = Path(os.path.abspath(path))
+        for journal in _FINAL_SETS:
+            if _inside(absolute, journal.root):
+                journal.before_change(absolute)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -116,13 +146,58 @@ def to_json(obj: Any) -> str:
     return json.dumps(obj, indent=2, default=_json_default, allow_nan=True) + "\n"
 
 
+def _check_dpi(value: Any, where: str) -> int:
+    text = str(value).strip()
+    if not text.isdigit() or int(text) < 10:
+        raise ValueError(f"{where}={value!r}: expected a whole number of dots per inch >= 10, e.g. 150 (300 for print)")
+    return int(text)
+
+
+def _check_formats(value: str, where: str) -> tuple[str, ...]:
+    formats = tuple(dict.fromkeys(f.strip().lower().lstrip(".") for f in str(value).split(",") if f.strip()))
+    if "png" not in formats or set(formats) - set(FIGURE_FORMATS):
+        raise ValueError(f"{where}={value!r}: expected 'png' or 'png,pdf' (PDF: vector figures for print, slower to "
+                         "write; the PNGs are always written: report.html shows them)")
+    return formats
+
+
 def figure_dpi() -> int:
-    """PNG resolution of every figure: $VITSPARSE_JAX_FIGURE_DPI, else 300 (print). A lower value (e.g. 100)
-    makes quick runs faster: rendering 300 dpi PNGs is about half of a small run's time."""
-    value = os.environ.get(FIGURE_DPI_ENV, "").strip() or "300"
-    if not value.isdigit() or int(value) < 10:
-        raise ValueError(f"{FIGURE_DPI_ENV}={value!r}: expected a whole number of dots per inch >= 10, e.g. 300")
-    return int(value)
+    """PNG resolution of every figure: the run's `figure_dpi` (`figure_options`), else $VITSPARSE_JAX_FIGURE_DPI,
+    else 150 (screen; 300 for print: about twice the time)."""
+    dpi = _FIGURE_OPTIONS.get()[1]
+    if dpi is not None:
+        return dpi
+    value = os.environ.get(FIGURE_DPI_ENV, "").strip()
+    return _check_dpi(value, FIGURE_DPI_ENV) if value else DEFAULT_FIGURE_DPI
+
+
+def figure_formats() -> tuple[str, ...]:
+    """The files of every figure: the run's `figures` (`figure_options`), else $VITSPARSE_JAX_FIGURE_FORMATS,
+    else PNG only (PDF on request: vector, for print, and the slower part of writing a figure)."""
+    formats = _FIGURE_OPTIONS.get()[0]
+    if formats is not None:
+        return formats
+    value = os.environ.get(FIGURE_FORMATS_ENV, "").strip()
+    return _check_formats(value, FIGURE_FORMATS_ENV) if value else ("png",)
+
+
+@contextlib.contextmanager
+def figure_options(formats: str = "", dpi: int = 0) -> Iterator[None]:
+    """While the block runs, figures are written as `formats` ('png' or 'png,pdf'; '' = the environment's,
+    else PNG) at `dpi` (0 = the environment's, else 150): a run's `config.figures` and `config.figure_dpi`."""
+    options = (_check_formats(formats, "config.figures") if str(formats).strip() else None,
+               _check_dpi(dpi, "config.figure_dpi") if dpi else None)
+    token = _FIGURE_OPTIONS.set(options)
+    try:
+        yield
+    finally:
+        _FIGURE_OPTIONS.reset(token)
+
+
+def figure_options_of(config: Any) -> contextlib.AbstractContextManager[None]:
+    """`figure_options` of a run's config (fields `figures` and `figure_dpi`; configs without them: defaults)."""
+    get = config.get if hasattr(config, "get") else (lambda name, default: getattr(config, name, default))
+    return figure_options(get("figures", "") or "", int(get("figure_dpi", 0) or 0))
 
 
 def versions() -> dict[str, str]:
@@ -147,14 +222,14 @@ class Workdir:
     """A run's output folder."""
 
     def __init__(self, path: str | os.PathLike):
+        """Checks that the folder exists or can be created, without creating it (the lock or the first write
+        does): a run refused before it writes leaves nothing at a new path."""
         self.root = Path(path)
         if self.root.exists() and not self.root.is_dir():
             raise WorkdirError(errno.ENOTDIR, f"the workdir {self.root} is a file, not a folder; choose another "
                                               "--config.workdir")
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            _reraise(self.root, e, "create the workdir")
+        if not self.root.exists():
+            _check_creatable(self.root)
         _ROOTS.add(Path(os.path.abspath(self.root)))
 
     def path(self, name: str) -> Path:
@@ -181,19 +256,20 @@ class Workdir:
         return self.write_text(name, buf.getvalue())
 
     def save_figure(self, fig: Any, stem: str, dpi: int | None = None) -> list[Path]:
-        """Writes `stem.png` (`dpi`; default `figure_dpi()`, 300 = print resolution) and `stem.pdf` (vector;
-        text as TrueType, images at their own resolution) and closes the figure."""
+        """Writes the figure as `figure_formats()`: `stem.png` (`dpi`; default `figure_dpi()`) and, on request,
+        `stem.pdf` (vector; text as TrueType, images at their own resolution); closes the figure and logs one
+        line (the progress of a run's figures)."""
         import matplotlib.pyplot as plt
 
-        dpi = dpi or figure_dpi()
-
-        paths = []
-        for ext in ("png", "pdf"):
+        dpi, start, paths = dpi or figure_dpi(), time.perf_counter(), []
+        for ext in figure_formats():
             buf = io.BytesIO()
             with plt.rc_context({"pdf.fonttype": 42, "pdf.compression": 9}):   # Type 42: editable, journal-safe
                 fig.savefig(buf, format=ext, dpi=dpi, bbox_inches="tight")
             paths.append(atomic_write_bytes(self.path(f"{stem}.{ext}"), buf.getvalue()))
         plt.close(fig)
+        log.info("figure %s written (%s, %.1f s)", self.path(stem).relative_to(self.root),
+                 "+".join(p.suffix[1:] for p in paths), time.perf_counter() - start)
         return paths
 
     def write_npz(self, name: str, arrays: Mapping[str, np.ndarray]) -> Path:
@@ -211,15 +287,21 @@ class Workdir:
                    name: str = RESUME_FILE) -> Path:
         buf = io.BytesIO()
         np.savez(buf, __meta__=np.array(to_json(dict(meta))), **{k: np.asarray(v) for k, v in arrays.items()})
-        return atomic_write_bytes(self.path(name), buf.getvalue())
+        return atomic_write_bytes(self.path(name), buf.getvalue(), result=False)
 
     def load_state(self, name: str = RESUME_FILE) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
         """(arrays, meta) of a saved state, None if there is none; StateError if it cannot be read."""
         path = self.path(name)
         if not path.exists():
             return None
+        return self.read_state_bytes(path, path)
+
+    @staticmethod
+    def read_state_bytes(data: bytes | os.PathLike, path: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """(arrays, meta) of a saved state given as its file (or the file's bytes, read on another process);
+        StateError naming `path` if it cannot be read."""
         try:
-            with np.load(path, allow_pickle=False) as z:
+            with np.load(io.BytesIO(data) if isinstance(data, bytes) else data, allow_pickle=False) as z:
                 arrays = {k: z[k] for k in z.files if k != "__meta__"}
                 meta = json.loads(str(z["__meta__"]))
             if not isinstance(meta, dict):
@@ -241,19 +323,10 @@ class Workdir:
         """Holds an exclusive lock on the workdir while the block runs; WorkdirLocked (naming the holder:
         host, pid, start time, command) if another process holds it. The lock is an flock on `.lock`: the
         system releases it when the holder exits, however it exits (no stale locks)."""
-        import fcntl
-
         path = self.path(LOCK_FILE)
+        created_dirs = _missing_dirs(self.root)
+        fd, created_lock = self._acquire(path)
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
-        except OSError as e:
-            _reraise(path, e, "create the lock file")
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise WorkdirLocked(f"the workdir {self.root} is in use by another run ({describe_holder(path)}). "
-                                    "Wait for it to finish (or stop it), or choose another --config.workdir.") from None
             holder = {"host": socket.gethostname(), "pid": os.getpid(),
                       "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                       "command": command if command is not None else " ".join(sys.argv)}
@@ -264,7 +337,58 @@ class Workdir:
                 _reraise(path, e)
             yield holder
         finally:
+            try:   # a run that wrote nothing leaves nothing: no .lock, no folder it created
+                if created_lock and _holds_no_file(self.root, LOCK_FILE):
+                    for folder, _, _ in sorted(os.walk(self.root), reverse=True):
+                        if folder != str(self.root):
+                            os.rmdir(folder)
+                    os.unlink(path)   # while still locked; a process that opened it sees another inode
+            except OSError:
+                pass
             os.close(fd)   # releases the flock
+            for folder in created_dirs:    # deepest first; stops at the first that is not empty
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
+
+    def _acquire(self, path: Path) -> tuple[int, bool]:
+        """(fd, whether this call created the lock file) of the locked `.lock`; creates the folder."""
+        import fcntl
+
+        for _ in range(100):
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                _reraise(self.root, e, "create the workdir")
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666 & ~_UMASK)
+                created = True
+            except FileExistsError:
+                try:
+                    fd, created = os.open(path, os.O_RDWR), False
+                except FileNotFoundError:   # removed in between by a holder that finished: try again
+                    continue
+                except OSError as e:
+                    _reraise(path, e, "open the lock file")
+            except FileNotFoundError:   # the folder was removed in between by a holder that finished
+                continue
+            except OSError as e:
+                _reraise(path, e, "create the lock file")
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise WorkdirLocked(f"the workdir {self.root} is in use by another run ({describe_holder(path)}). "
+                                    "Wait for it to finish (or stop it), or choose another --config.workdir.") from None
+            try:   # the holder before us may have removed the file as it finished: lock the current one
+                if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                    return fd, created
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        raise WorkdirLocked(f"cannot lock the workdir {self.root}: its {LOCK_FILE} keeps being replaced; "
+                            "another run is starting and stopping there. Choose another --config.workdir.")
 
     # The completion marker: written last; its presence means the listed files are the complete set.
     def write_completion(self, info: Mapping[str, Any]) -> Path:
@@ -276,11 +400,7 @@ class Workdir:
             if (not p.is_file() or rel.name in (COMPLETE_FILE, LOCK_FILE, RESUME_FILE)
                     or any(part.startswith(".") for part in rel.parts)):
                 continue
-            h = hashlib.sha256()
-            with open(p, "rb") as f:
-                while chunk := f.read(1 << 20):
-                    h.update(chunk)
-            files[str(rel)] = {"size": p.stat().st_size, "sha256": h.hexdigest()}
+            files[str(rel)] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
         marker = {**info, "finished": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                   "files": files}
         return atomic_write_bytes(self.path(COMPLETE_FILE), to_json(marker).encode())
@@ -294,10 +414,34 @@ class Workdir:
         return marker if isinstance(marker, dict) else None
 
     def clear_completion(self) -> None:
+        marker = Path(os.path.abspath(self.path(COMPLETE_FILE)))
         try:
-            self.path(COMPLETE_FILE).unlink(missing_ok=True)
+            journal = next((j for j in _FINAL_SETS if _inside(marker, j.root)), None)
+            if journal is not None:
+                journal.before_change(marker)
+            else:
+                marker.unlink(missing_ok=True)
         except OSError as e:
             _reraise(self.path(COMPLETE_FILE), e, "remove")
+
+    @contextlib.contextmanager
+    def final_set(self) -> Iterator[FinalSet]:
+        """The final write of a run, all or nothing: every result file written in the block (anywhere in the
+        workdir, by any Workdir) is recorded; if the block raises (a full disk part-way, an error, a second
+        Ctrl-C), the files it created are removed and the ones it replaced (the completion marker too) are
+        put back, so the workdir holds what it held before plus the resume states. Resume states and caches
+        are not part of it. Use it around the result files and `write_completion` (Session.final_write)."""
+        journal = FinalSet(Path(os.path.abspath(self.root)))
+        _FINAL_SETS.append(journal)
+        try:
+            yield journal
+        except BaseException:
+            journal.rollback()
+            raise
+        else:
+            journal.commit()
+        finally:
+            _FINAL_SETS.remove(journal)
 
 
 def describe_holder(lock_path: str | os.PathLike) -> str:
@@ -308,3 +452,85 @@ def describe_holder(lock_path: str | os.PathLike) -> str:
                 f"{holder.get('command', '?')}")
     except (OSError, ValueError, KeyError, TypeError):
         return f"its holder is unknown: {lock_path} is locked"
+
+
+def _missing_dirs(root: Path) -> list[Path]:
+    """`root` and those of its parents that do not exist, deepest first."""
+    missing, p = [], Path(os.path.abspath(root))
+    while not os.path.lexists(p) and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    return missing
+
+
+def _holds_no_file(root: Path, lock: str) -> bool:
+    """True when `root` holds nothing but its lock file and empty folders."""
+    for folder, _, files in os.walk(root):
+        if any(not (folder == str(root) and name == lock) for name in files):
+            return False
+    return True
+
+
+def _check_creatable(root: Path) -> None:
+    """WorkdirError when `root` (absent) cannot be created: a part of its path is a file, or its nearest
+    existing folder is read-only or not writable. Creates nothing."""
+    missing = _missing_dirs(root)
+    existing = (missing[-1] if missing else Path(os.path.abspath(root))).parent
+    if not existing.is_dir():
+        code = errno.ENOTDIR
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        code = errno.EROFS if os.statvfs(existing).f_flag & os.ST_RDONLY else errno.EACCES
+    else:
+        return
+    _reraise(root, OSError(code, os.strerror(code), str(root)), "create the workdir")
+
+
+class FinalSet:
+    """The journal of a final write (`Workdir.final_set`): what it created and what it replaced."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.created: list[Path] = []                 # files and folders that did not exist, in order
+        self.replaced: dict[Path, Path] = {}          # path -> the previous file, moved aside (hidden name)
+
+    def before_change(self, path: Path) -> None:
+        """Called before `path` (absolute, in the workdir) is written or removed."""
+        if path in self.replaced or path in self.created:
+            return
+        if os.path.lexists(path):
+            backup = path.with_name(f".{path.name}{_BACKUP_TAG}{os.getpid()}")
+            try:
+                os.replace(path, backup)   # a rename: needs no space on a full disk
+            except OSError as e:
+                _reraise(path, e, "move aside")
+            self.replaced[path] = backup
+        else:
+            self.created += reversed(_missing_dirs(path.parent))
+            self.created.append(path)
+
+    def rollback(self) -> None:
+        """Removes what was created, puts back what was replaced (best effort: each step is tried)."""
+        for path in reversed(self.created):
+            try:
+                path.rmdir() if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
+            except OSError:
+                pass
+        for path, backup in self.replaced.items():
+            try:
+                os.replace(backup, path)
+            except OSError as e:
+                sys.stderr.write(f"warning: could not put back {path} (it is in {backup}): {e}\n")
+        self.created, self.replaced = [], {}
+
+    def commit(self) -> None:
+        """Drops the replaced files (the final write is complete), and those a killed final write left."""
+        for backup in [*self.replaced.values(), *self.root.rglob(f".*{_BACKUP_TAG}*")]:
+            try:
+                os.unlink(backup)
+            except OSError:
+                pass
+        self.created, self.replaced = [], {}
+
+
+_FINAL_SETS: list[FinalSet] = []     # final writes in progress in this process
+_BACKUP_TAG = ".before-final-write-"  # a file the final write in progress replaced: .<name>.before-final-write-<pid>

@@ -26,8 +26,13 @@ FORMAT_VERSION = 1
 SEP = "/"
 
 
-_RECONVERT = ("Convert it again (python -m checkpoints_convert --model ARCH.TAG --out DIR, or --from-file FILE), "
-              "or copy it again from where it came from.")
+def reconvert_hint(weights: Path, source: str = "") -> str:
+    """How to replace a damaged converted checkpoint `<dir>/<arch>.<tag>.safetensors` (it is overwritten in place)."""
+    command = f"python -m checkpoints_convert --model {weights.stem} --out {weights.parent}"
+    if source.startswith("file:"):
+        return f"Convert it again: {command} --from-file {source.removeprefix('file:')}"
+    return (f"Convert it again: {command} (from the Hugging Face hub; add --from-file FILE for a local timm file), "
+            f"or copy it again from where it came from.")
 
 
 class CheckpointError(ValueError):
@@ -96,10 +101,10 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
         meta = json.loads(meta_path.read_text())
     except (ValueError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{meta_path} is not valid JSON ({e}): the checkpoint's metadata is damaged. "
-                              f"{_RECONVERT}") from None
+                              f"{reconvert_hint(meta_path.with_suffix('.safetensors'))}") from None
     if not isinstance(meta, dict):
         raise CheckpointError(f"{meta_path} holds {type(meta).__name__}, not the checkpoint's metadata (a JSON "
-                              f"object). {_RECONVERT}")
+                              f"object). {reconvert_hint(meta_path.with_suffix('.safetensors'))}")
     return meta
 
 
@@ -127,10 +132,16 @@ def load(path: str | os.PathLike, module: nn.Module) -> tuple[dict[str, Any], di
         raise CheckpointError(f"{weights} cannot be read: {e.strerror or e}") from e
     except Exception as e:  # noqa: BLE001  (safetensors' own SafetensorError)
         raise CheckpointError(f"{weights} cannot be read as .safetensors ({e}): it is truncated or damaged "
-                              f"(e.g. an interrupted copy or download). {_RECONVERT}") from None
+                              f"(e.g. an interrupted copy or download). "
+                              f"{reconvert_hint(weights, str(meta.get('source', '')))}") from None
     tensors = models.fit_variables(module, tensors)   # e.g. DINOv2's 518 px position embedding run at 224
     expected = flatten(models.variable_shapes(module))
     check_tensors(tensors, {k: tuple(v.shape) for k, v in expected.items()}, model)
+    for key in sorted(expected):   # an integer tensor would be cast silently: wrong numbers
+        if jnp.issubdtype(expected[key].dtype, jnp.floating) and np.asarray(tensors[key]).dtype.kind != "f":
+            raise CheckpointError(f"{weights}: tensor {key!r} is {np.asarray(tensors[key]).dtype}, but {model} "
+                                  f"expects floating point there: the file is damaged or not a converted "
+                                  f"checkpoint. {reconvert_hint(weights, str(meta.get('source', '')))}")
     variables = {k: jnp.asarray(tensors[k], dtype=expected[k].dtype) for k in expected}
     return unflatten(variables), meta
 

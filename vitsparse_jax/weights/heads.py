@@ -14,7 +14,8 @@ classifier (`kernel = weight.T`), every other variable unchanged: logits = pre_l
 from __future__ import annotations
 
 import dataclasses
-import hashlib
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from vitsparse_jax import models
-from vitsparse_jax.weights import checkpoint, safetensors_io
+from vitsparse_jax.runtime.hashing import sha256_file
+import vitsparse_jax.weights.checkpoint as checkpoint
+import vitsparse_jax.weights.safetensors_io as safetensors_io
 
 SUFFIXES = (".npz", ".safetensors")
 LAYOUT = "'weight' (num_classes, dim) [PyTorch layout] and 'bias' (num_classes,)"
@@ -71,8 +74,11 @@ def read_head(path: str | Path) -> Head:
                 tensors = {k: np.asarray(f[k]) for k in f.files}
         else:
             tensors = safetensors_io.read(path)
-    except (OSError, ValueError) as e:   # a truncated or foreign file
-        raise ValueError(f"head_weights: cannot read {path}: {e}") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:   # a truncated or foreign file
+        detail = str(e) or "no data"
+        raise ValueError(f"head_weights: cannot read {path} ({type(e).__name__}: {detail}): it is truncated, damaged "
+                         f"or not a {path.suffix} file; save the classifier again ({LAYOUT}, e.g. "
+                         f"numpy.savez(path, weight=W, bias=b)) or copy it again") from None
     missing = [k for k in ("weight", "bias") if k not in tensors]
     if missing:
         raise ValueError(f"head_weights: {path} lacks {' and '.join(repr(k) for k in missing)}; it holds "
@@ -84,11 +90,17 @@ def read_head(path: str | Path) -> Head:
     for key, a in (("weight", weight), ("bias", bias)):
         if not np.issubdtype(a.dtype, np.floating):
             raise ValueError(f"head_weights: {path}: {key!r} has dtype {a.dtype}; expected floating point")
+    for key, a in (("weight", weight), ("bias", bias)):
+        bad = int(np.size(a) - np.isfinite(a).sum())
+        if bad:
+            raise ValueError(f"head_weights: {path}: {key!r} holds {bad} non-finite value{'s' * (bad > 1)} (NaN or "
+                             f"Inf) of {np.size(a)}: the classifier is broken (a diverged training run?); use a "
+                             f"classifier with finite weights")
     if weight.ndim != 2 or bias.shape != (weight.shape[0],) or weight.shape[0] < 1:
         raise ValueError(f"head_weights: {path} has weight {_shape(weight)} and bias {_shape(bias)}; expected "
                          f"weight (num_classes, dim) and bias (num_classes,) with the same num_classes >= 1 "
                          f"(PyTorch's nn.Linear layout)")
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = sha256_file(path)
     return Head(str(path), weight.astype(np.float32), bias.astype(np.float32), digest)
 
 

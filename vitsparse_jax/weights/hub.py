@@ -5,6 +5,11 @@ else pytorch_model.bin, and config.json) with huggingface_hub into its usual cac
 HF_HUB_OFFLINE=1 uses only the cache), converts it with the numpy key maps of `checkpoints_convert`, and
 writes the converted checkpoint under `<HF_HOME>/vitsparse_jax/converted/` (or $VITSPARSE_JAX_CACHE),
 keyed by the repository's revision, so that later runs load it without converting again.
+
+The caches can break: a converted copy that is incomplete (an interrupted write, a full disk) is converted
+again; a hub file whose content does not match its sha256 (or cannot be read) is an error naming the
+repository's folder to delete; a cache folder that cannot be written (a shared, read-only HF_HOME) is an
+error naming $VITSPARSE_JAX_CACHE, the variable that moves the converted copies elsewhere.
 """
 from __future__ import annotations
 
@@ -14,12 +19,18 @@ import logging
 import os
 import re
 import socket
+import tempfile
 import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from vitsparse_jax.weights import checkpoint, pretrained, timm_state
+from vitsparse_jax.runtime.errors import UserError
+from vitsparse_jax.runtime.hashing import sha256_file
+import vitsparse_jax.weights.checkpoint as checkpoint
+import vitsparse_jax.weights.pretrained as pretrained
+import vitsparse_jax.weights.safetensors_io as safetensors_io
+import vitsparse_jax.weights.timm_state as timm_state
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +43,10 @@ PROBE_TIMEOUT = 3.0
 
 class HubUnavailableError(FileNotFoundError):
     """The weights are not in the local Hugging Face cache and the hub cannot be reached (or is off)."""
+
+
+class CacheError(UserError, OSError):
+    """A cache folder cannot be written, or holds a damaged file; the message says what to delete or set."""
 
 
 class HubFiles(NamedTuple):
@@ -162,6 +177,9 @@ def download(arch: str, tag: str, cache_dir: str | os.PathLike | None = None) ->
         config = json.loads(Path(config_path).read_text())
     except (EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError):
         log.info("%s has no config.json; the pretrained_cfg comes from the shipped table", repo_id)
+    except (ValueError, UnicodeDecodeError) as e:
+        files = HubFiles(repo_id, revision, Path(config_path), None)
+        raise _damaged_download(files, arch, tag, f"is not valid JSON ({e})") from None
     return HubFiles(repo_id, revision, weights, config)
 
 
@@ -170,13 +188,78 @@ def converted_path(repo_id: str, revision: str, arch: str, tag: str) -> Path:
     return converted_dir() / f"v{CONVERTER_VERSION}" / folder / revision / f"{_name(arch, tag)}.safetensors"
 
 
+def repo_folder(repo_id: str) -> Path:
+    """The repository's folder in huggingface_hub's cache (models--<org>--<name>)."""
+    return hub_cache_dir() / f"models--{repo_id.replace('/', '--')}"
+
+
+def incomplete(path: Path) -> str:
+    """Why the converted checkpoint at `path` cannot be used as it is ('' when it is whole): its .json must
+    parse, and its .safetensors must hold exactly the bytes its header lists."""
+    try:
+        checkpoint.read_meta(path)
+        header, start = safetensors_io.read_header(path)
+    except (OSError, ValueError) as e:
+        return str(e).split(". ")[0]
+    end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    size = path.stat().st_size
+    return "" if start + end == size else f"{path.name} holds {size} bytes, its header lists {start + end}"
+
+
+def _writable(folder: Path, name: str) -> None:
+    """CacheError naming $VITSPARSE_JAX_CACHE when the converted copies cannot be written to `folder`."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        if os.environ.get(CACHE_ENV):
+            where = f"{CACHE_ENV} points there; set it to a folder you can write"
+        else:
+            from huggingface_hub import constants
+
+            where = (f"converted copies go to <HF_HOME>/vitsparse_jax/converted unless {CACHE_ENV} says otherwise, "
+                     f"and HF_HOME ({constants.HF_HOME}) cannot be written here (a shared, read-only cache?): set "
+                     f"{CACHE_ENV} to a folder you can write, e.g. export {CACHE_ENV}=~/.cache/vitsparse_jax")
+        raise CacheError(f"cannot keep the converted copy of {name} in {folder} ({e.strerror or e}); {where}"
+                         ) from None
+
+
+def _damaged_download(files: HubFiles, arch: str, tag: str, why: str) -> CacheError:
+    snapshot = files.weights.parent   # <cache>/models--<org>--<name>/snapshots/<revision>/<file>
+    folder = snapshot.parents[1] if snapshot.parent.name == "snapshots" else repo_folder(files.repo_id)
+    return CacheError(f"the Hugging Face cache's copy of {files.repo_id} is damaged: {files.weights.name} {why}. "
+                      f"Delete that repository's folder, rm -r '{folder}', and run again where the hub is reachable "
+                      f"(it downloads {_name(arch, tag)} again), or use a good copy of the file: --config.weights=FILE "
+                      f"(python -m checkpoints_convert --from-file FILE)")
+
+
+def check_download(files: HubFiles, arch: str, tag: str) -> None:
+    """huggingface_hub names the blob of a weights file (git LFS) by its sha256: a mismatch is a damaged copy."""
+    blob = files.weights.resolve()
+    if not re.fullmatch(r"[0-9a-f]{64}", blob.name):
+        return
+    if sha256_file(blob) != blob.name:
+        raise _damaged_download(files, arch, tag, f"({blob}) does not match its sha256 (a truncated or altered "
+                                                  f"download)")
+
+
 def fetch(arch: str, tag: str, cache_dir: str | os.PathLike | None = None) -> Path:
-    """The converted checkpoint of arch.tag from the hub: downloaded and converted on first use, then reused."""
+    """The converted checkpoint of arch.tag from the hub: downloaded and converted on first use, then reused
+    (an incomplete converted copy is converted again)."""
     pretrained.check_tag(arch, tag)
     files = download(arch, tag, cache_dir)
     path = converted_path(files.repo_id, files.revision, arch, tag)
-    if path.exists() and path.with_suffix(".json").exists():   # the .json is written last: complete
-        return path
+    if path.with_suffix(".json").exists():   # the .json is written last: complete, unless damaged since
+        why = incomplete(path)
+        if not why:
+            return path
+        log.warning("the converted copy %s is damaged (%s); converting %s again", path, why, files.repo_id)
+    _writable(path.parent, _name(arch, tag))
+    check_download(files, arch, tag)
     log.info("converting %s (%s) to %s", files.repo_id, files.weights.name, path.parent)
-    _, flat, cfg = timm_state.convert_file(arch, tag, files.weights, files.config)
+    try:
+        _, flat, cfg = timm_state.convert_file(arch, tag, files.weights, files.config)
+    except (safetensors_io.SafetensorsError, timm_state.UnreadableFile) as e:
+        raise _damaged_download(files, arch, tag, f"cannot be read ({e})") from None
     return checkpoint.save(path.parent, arch, tag, flat, cfg, f"hf-hub:{files.repo_id}@{files.revision}")

@@ -20,14 +20,21 @@ untrained weights) and `head_weights` (a linear classifier file for a headless t
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 from pathlib import Path
 from typing import Any, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from vitsparse_jax import models
-from vitsparse_jax.weights import checkpoint, heads, hub, pretrained, timm_state
+import vitsparse_jax.weights.checkpoint as checkpoint
+import vitsparse_jax.weights.heads as heads
+import vitsparse_jax.weights.hub as hub
+import vitsparse_jax.weights.pretrained as pretrained
+import vitsparse_jax.weights.timm_state as timm_state
 
 ASSETS = Path(__file__).parents[1] / "assets" / "checkpoints"
 AUTO = "auto"
@@ -49,6 +56,7 @@ class LoadedModel:
     weights: str                  # where the weights came from: a path, or 'untrained (seed N)'
     source: str = ""              # 'builtin' | 'checkpoint_dir' | 'file' | 'hf-hub:<repo>@<revision>' | 'untrained'
     head: dict | None = None      # head_weights: {'weights': path, 'sha256': ...} of the classifier file, if any
+    size_note: str = ""           # why the model runs at another size than its arch's default, if it does
 
     @property
     def name(self) -> str:
@@ -63,7 +71,43 @@ class LoadedModel:
                "pretrained_cfg": self.pretrained_cfg, "family": self.info.family}
         if self.head:
             out["head_weights"] = dict(self.head)
+        if self.size_note:
+            out["size_note"] = self.size_note
         return out
+
+    def num_params(self) -> int:
+        """Parameters (timm's count: BatchNorm statistics are not parameters)."""
+        params = self.variables.get("params", self.variables) if hasattr(self.variables, "get") else self.variables
+        return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params))
+
+    def __repr__(self) -> str:
+        """One line: name and tag, family, parameters, input size, classes, where the weights came from."""
+        n = self.num_params()
+        params = f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n:,}"
+        classes = f"{self.info.num_classes} classes" if self.info.num_classes else "headless (features)"
+        if not self.trained or self.source.startswith("hf-hub:"):
+            where = self.weights if not self.trained else self.source
+        else:
+            where = f"{self.source or 'file'} {self.weights}"
+        head = f", head_weights {self.head['weights']}" if self.head else ""
+        return (f"LoadedModel({self.name}: {self.info.family}, {params} parameters, {self.info.img_size} px, "
+                f"{classes}, weights: {where}{head})")
+
+    def apply(self, x: Any, *, capture: str | Sequence[str] = (), masks: dict[str, Any] | None = None,
+              start: str | None = None, stop: str | None = None, renormalize: bool = False) -> tuple[Any, dict]:
+        """`module.apply(variables, x, ...)` under `jax.jit`, compiled once per module and static arguments
+        (`capture`, `start`, `stop`, `renormalize`) and cached: returns (logits, or the pooled features of a
+        headless model; aux, the captured tensors in forward order). `capture` takes one pattern or several;
+        `masks` values are traced (a new mask does not recompile). See docs/design.md ("Models")."""
+        patterns = (capture,) if isinstance(capture, str) else tuple(capture)
+        return _jitted_apply(self.module)(self.variables, x, masks=masks, capture=patterns, start=start,
+                                          stop=stop, renormalize=renormalize)
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_apply(module: nn.Module) -> Any:
+    """The jitted `apply` of a module (modules are frozen dataclasses: equal modules share it)."""
+    return jax.jit(module.apply, static_argnames=("capture", "start", "stop", "renormalize"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,20 +271,38 @@ def _untrained(arch: str, tag: str | None, seed: int, overrides: dict) -> Loaded
     return LoadedModel(module, variables, info, cfg, arch, tag, f"{UNTRAINED} (seed {seed})", UNTRAINED)
 
 
+def _recorded_size(cfg: dict) -> int | None:
+    return int(cfg["input_size"][-1]) if cfg.get("input_size") else None
+
+
+def _size_note(arch: str, info: models.ModelInfo, saved: int | None, asked: bool) -> str:
+    """Why `info.img_size` (for the provenance): the size the weights were saved at, or img_size over it."""
+    default = models.model_info(models.create_model(arch)).img_size
+    if asked and saved and saved != info.img_size:
+        how = ", position embedding resampled once from its grid" if info.family == "vit" else ""
+        return f"runs at {info.img_size} px (img_size); the weights were saved at {saved} px{how}"
+    if not asked and info.img_size != default:
+        return (f"runs at {info.img_size} px, the input size recorded with its weights (the arch's default is "
+                f"{default} px)")
+    return ""
+
+
 def _load_converted(path: Path, arch: str, tag: str | None, source: str, overrides: dict) -> LoadedModel:
     meta = checkpoint.read_meta(path)
-    num_classes = meta.get("pretrained_cfg", {}).get("num_classes")
-    if num_classes is not None:                # build the classifier the checkpoint has (e.g. none for DINO)
-        overrides.setdefault("num_classes", int(num_classes))
+    recorded = meta.get("pretrained_cfg", {})
+    asked = "img_size" in overrides
+    # build what the checkpoint holds: its classifier (e.g. none for DINO) and the size it was saved at
+    for key, value in pretrained.module_overrides(arch, recorded).items():
+        overrides.setdefault(key, value)
     module = models.create_model(arch, **overrides)
     info = models.model_info(module)
     variables, meta = checkpoint.load(path, module)
     tag = meta.get("tag", tag)
     cfg = dict(pretrained.table_cfg(arch, tag) or pretrained.clean_cfg(info.default_cfg))
-    cfg.update(meta.get("pretrained_cfg", {}))
-    if cfg.get("input_size") and int(cfg["input_size"][-1]) != info.img_size:   # run at another size: crop it
-        cfg["input_size"] = [*cfg["input_size"][:-2], info.img_size, info.img_size]
-    return LoadedModel(module, variables, info, cfg, arch, tag, str(path.with_suffix(".safetensors")), source)
+    cfg.update(recorded)
+    cfg = _eval_size(cfg, info)                # run at another size: crop it
+    return LoadedModel(module, variables, info, cfg, arch, tag, str(path.with_suffix(".safetensors")), source,
+                       size_note=_size_note(arch, info, _recorded_size(recorded), asked))
 
 
 def _requested_classes(num_classes: Any, head: heads.Head | None) -> int | None:
@@ -259,7 +321,7 @@ def _final_classes(name: str, have: int, requested: int | None, head: heads.Head
         return head.num_classes
     if requested is None or requested == have:
         return have
-    if requested == 0 and kind not in (UNTRAINED, "file"):
+    if requested == 0:                          # trained weights: timm's num_classes=0, the pooled features
         return 0
     raise ValueError(
         f"num_classes={requested}, but the weights of {name} have " + (f"a classifier of {have} classes"
@@ -310,24 +372,16 @@ def load_model(name: str, weights: str = AUTO, checkpoint_dir: str = "", seed: i
         loaded = _load_converted(path, arch, tag, checkpoint.read_meta(path).get("source", HUB), overrides)
     elif src.kind != "file" or _is_converted(src.path):
         loaded = _load_converted(src.path, arch, tag, src.kind, overrides)
-    else:   # a timm file: num_classes says how large its classifier is (when its cfg does not)
-        module, flat, cfg = timm_state.convert_file(arch, tag, src.path, num_classes=requested, **overrides)
+    else:   # a timm file, as it is (its classifier; a ViT at its position embedding's size unless img_size)
+        asked = "img_size" in overrides
+        module, flat, cfg = timm_state.convert_file(arch, tag, src.path, **overrides)
         info = models.model_info(module)
         expected = checkpoint.flatten(models.variable_shapes(module))
         variables = checkpoint.unflatten({k: jnp.asarray(flat[k], dtype=expected[k].dtype) for k in expected})
-        cfg = _eval_size({**cfg, "num_classes": info.num_classes}, info)
-        loaded = LoadedModel(module, variables, info, cfg, arch, cfg.get("tag"), str(src.path), "file")
+        saved = None if asked else _recorded_size(cfg)
+        loaded = LoadedModel(module, variables, info, _eval_size(cfg, info), arch, cfg.get("tag"), str(src.path),
+                             "file", size_note=_size_note(arch, info, saved, asked))
     return _fit_classifier(loaded, requested, head, src.kind)
-
-
-def _checkpoint_classes(src: WeightsSource) -> int | None:
-    """The classifier size of the weights `src` names, read without loading them (None: unknown)."""
-    if src.kind in (UNTRAINED, HUB):
-        return pretrained.resolve_cfg(src.arch, src.tag).get("num_classes")
-    if _is_converted(src.path):
-        return checkpoint.read_meta(src.path).get("pretrained_cfg", {}).get("num_classes")
-    path = timm_state.weights_in(src.path) if src.path.is_dir() else src.path
-    return pretrained.resolve_cfg(src.arch, src.tag, timm_state.sidecar_config(path)).get("num_classes")
 
 
 def planned_module(name: str, weights: str = AUTO, checkpoint_dir: str = "", head_weights: str | None = None,
@@ -346,20 +400,17 @@ def planned_module(name: str, weights: str = AUTO, checkpoint_dir: str = "", hea
         src = WeightsSource(UNTRAINED, arch, tag)
     head = heads.read_head(head_weights) if head_weights else None
     requested = _requested_classes(overrides.pop("num_classes", None), head)
-    have = _checkpoint_classes(src)
     kwargs = dict(overrides)
-    if src.kind in (UNTRAINED, "file") and not (src.path and _is_converted(src.path)):
-        cfg = pretrained.resolve_cfg(arch, tag) if src.kind == UNTRAINED else {}
-        if src.kind == "file":
-            path = timm_state.weights_in(src.path) if src.path.is_dir() else src.path
-            cfg = pretrained.resolve_cfg(arch, tag, timm_state.sidecar_config(path))
-        if requested is not None:
-            cfg["num_classes"] = have = requested
+    if src.kind == "file" and not _is_converted(src.path):   # a timm file: its classifier and size, from its shapes
+        module, _ = timm_state.file_module(arch, tag, src.path, **kwargs)
+    else:   # the tag's cfg (untrained: with the classifier asked for), or what a converted checkpoint records
+        cfg = (checkpoint.read_meta(src.path).get("pretrained_cfg", {}) if src.kind in (BUILTIN, CHECKPOINT_DIR, "file")
+               else pretrained.resolve_cfg(arch, tag))
+        if src.kind == UNTRAINED and requested is not None:
+            cfg = {**cfg, "num_classes": requested}
         for key, value in pretrained.module_overrides(arch, cfg).items():
             kwargs.setdefault(key, value)
-    elif have is not None:
-        kwargs["num_classes"] = int(have)
-    module = models.create_model(arch, **kwargs)
+        module = models.create_model(arch, **kwargs)
     have = models.model_info(module).num_classes
     final = _final_classes(f"{arch}.{src.tag}" if src.tag else arch, have, requested, head, src.kind)
     if head is not None:

@@ -15,8 +15,12 @@ from typing import Any, Mapping
 
 from vitsparse_jax import models
 
-# The pretrained_cfg fields kept in converted checkpoints and results (timm's names).
-CFG_KEYS = ("tag", "input_size", "crop_pct", "crop_mode", "interpolation", "mean", "std", "num_classes")
+# The pretrained_cfg fields kept in converted checkpoints and results (timm's names): the preprocessing and
+# classifier size, then what identifies the weights (timm's classifier module, licence, Hugging Face repository).
+CFG_KEYS = ("tag", "input_size", "crop_pct", "crop_mode", "interpolation", "mean", "std", "num_classes",
+            "classifier", "license", "hf_hub_id")
+# Keys a hub config.json lacks (timm saves the cfg without its sources) and the table's row of the tag gives.
+SOURCE_KEYS = ("classifier", "license", "hf_hub_id")
 TABLE_PATH = Path(__file__).with_name("pretrained_cfgs.json")
 HUB_ORG = "timm"
 
@@ -110,11 +114,14 @@ def from_hub_config(hub_config: Mapping[str, Any] | None) -> dict[str, Any] | No
 
 
 def resolve_cfg(arch: str, tag: str | None, hub_config: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """pretrained_cfg of arch.tag from a hub config.json, else the shipped table, else the arch's default."""
+    """pretrained_cfg of arch.tag from a hub config.json, else the shipped table, else the arch's default; the
+    SOURCE_KEYS a config.json lacks (its Hugging Face repository) come from the table's row of the same tag."""
     cfg = from_hub_config(hub_config) or table_cfg(arch, tag) or arch_default_cfg(arch)
     tag = tag or cfg.get("tag") or default_tag(arch)
     if tag:
         cfg["tag"] = tag
+        row = table_cfg(arch, tag) or {}
+        cfg.update({key: row[key] for key in SOURCE_KEYS if key in row and key not in cfg})
     return cfg
 
 

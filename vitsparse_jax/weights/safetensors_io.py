@@ -23,6 +23,9 @@ DTYPES: dict[str, Any] = {
 }
 
 
+AGAIN = "is the file complete? Download or copy it again"
+
+
 class SafetensorsError(ValueError):
     """The file is not a readable .safetensors file."""
 
@@ -33,14 +36,22 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, Any], int]:
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) != 8:
-            raise SafetensorsError(f"{path}: too short to be a .safetensors file")
+            raise SafetensorsError(f"{path}: too short to be a .safetensors file; {AGAIN}")
         (size,) = struct.unpack("<Q", head)
         if size > os.path.getsize(path) - 8:
-            raise SafetensorsError(f"{path}: header length {size} runs past the end of the file")
+            raise SafetensorsError(f"{path}: header length {size} runs past the end of the file; {AGAIN}")
         try:
             header = json.loads(f.read(size))
         except ValueError as e:
-            raise SafetensorsError(f"{path}: the header is not JSON ({e})") from None
+            raise SafetensorsError(f"{path}: the header is not JSON ({e}); {AGAIN}") from None
+    entries = header.items() if isinstance(header, dict) else [(None, None)]
+    for name, entry in entries:
+        if name != "__metadata__" and not (isinstance(entry, dict) and isinstance(entry.get("dtype"), str)
+                                           and isinstance(entry.get("shape"), list)
+                                           and isinstance(entry.get("data_offsets"), list)
+                                           and len(entry["data_offsets"]) == 2):
+            raise SafetensorsError(f"{path}: the header's entry {name!r} is not a tensor's (dtype, shape, "
+                                   f"data_offsets); not a .safetensors file, or a damaged one: {AGAIN}")
     return header, 8 + size
 
 
@@ -69,7 +80,7 @@ def read(path: str | os.PathLike, float32: bool = True) -> dict[str, np.ndarray]
             dtype = dtype.newbyteorder("<")
         if end > data.size or (end - begin) != dtype.itemsize * int(np.prod(shape, dtype=np.int64)):
             raise SafetensorsError(f"{path}: tensor {name!r} {entry['dtype']}{list(shape)} does not fit its "
-                                   f"byte range {entry['data_offsets']}")
+                                   f"byte range {entry['data_offsets']}; {AGAIN}")
         array = data[begin:end].view(dtype).reshape(shape)
         if float32 and entry["dtype"].startswith(("F", "BF")):
             array = array.astype(np.float32)

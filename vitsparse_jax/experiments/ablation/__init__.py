@@ -1,1 +1,2 @@
-"""Ablation (paper 1, sec. 5): `run` (the pass), `units` (ranking, masks), `report` (metrics, tables), `figures`."""
+"""Ablation (paper 1, sec. 5): `experiment` (checks, the pass, results), `evaluator` (the jitted device step),
+`units` (ranking, masks), `report` (metrics, tables), `figures`, `explorer` (report.html)."""

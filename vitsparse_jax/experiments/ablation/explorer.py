@@ -17,7 +17,6 @@ import numpy as np
 from vitsparse_jax.experiments.ablation import units as ablation_units
 from vitsparse_jax.experiments.ablation.units import Plan
 from vitsparse_jax.report_html import Explorer, encode_array, image_data_url, static_text
-from vitsparse_jax.runtime import parallel
 
 KEY = "ablation"
 HTML = f"""<div class="vj-controls">
@@ -46,13 +45,15 @@ a tick marks a correct prediction.</p></div>
 
 
 def collect(k: int, evaluator: Any, rows: Mapping[str, np.ndarray],
-            batches: Callable[[int, int], Iterable[dict[str, Any]]]) -> dict[str, Any] | None:
+            batches: Callable[[int, int], Iterable[dict[str, Any]]],
+            to_host: Callable[[Any], Any]) -> dict[str, Any] | None:
     """Drops and predictions of every variant for the first k evaluated images (`rows['done']`).
 
-    `evaluator`: the pass's `run.Evaluator`, built with predictions=True (its compiled step is reused);
-    `batches(start, stop)`: the run's batches of images [start, stop). Every process calls this (the batches
-    are global). None when k = 0. Arrays: images (k, S, S, 3) uint8, index / label / clean (k,), preds
-    (Nn, V, k) int32 (V = the variants of a group, units.py order), dropped {site: (P, 1 + D, k, U) bool}.
+    `evaluator`: the pass's `Evaluator`, built with predictions=True (its compiled step is reused);
+    `batches(start, stop)`: the run's batches of images [start, stop); `to_host`: global arrays -> numpy on every
+    process. Every process calls this (the batches are global). None when k = 0. Arrays: images (k, S, S, 3)
+    uint8, index / label / clean (k,), preds (Nn, V, k) int32 (V = the variants of a group, units.py order),
+    dropped {site: (P, 1 + D, k, U) bool}.
     """
     want = np.flatnonzero(np.asarray(rows["done"], bool))[:max(int(k), 0)]
     if want.size == 0:
@@ -60,7 +61,7 @@ def collect(k: int, evaluator: Any, rows: Mapping[str, np.ndarray],
     plan = evaluator.plan
     got: dict[int, dict[str, Any]] = {}
     for batch in batches(int(want[0]), int(want[-1]) + 1):
-        out = parallel.to_host({**evaluator(batch), **{n: batch[n] for n in ("image", "label", "index", "valid")}})
+        out = to_host({**evaluator(batch), **{n: batch[n] for n in ("image", "label", "index", "valid")}})
         for r in np.flatnonzero(out["valid"] & np.isin(out["index"], want)):
             got[int(out["index"][r])] = {"image": out["image"][r], "label": out["label"][r],
                                          "clean": out["clean_pred"][r], "pred": out["pred"][r],
@@ -129,5 +130,5 @@ def explorer(entries: Sequence[tuple[Mapping[str, Any], Plan, Sequence[int], Map
                       if c >= 0})   # the names of the classes shown only
     names = {str(c): class_names[c] for c in classes if class_names and c < len(class_names)}
     return Explorer(key=KEY, title="Ablation explorer: what each variant dropped, and the prediction",
-                    html=HTML, script=static_text("ablation.js"),
+                    html=HTML, script=static_text("explorer.js", __package__),
                     data={"models": models, "images": urls, "class_names": names})

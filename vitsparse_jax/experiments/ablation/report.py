@@ -11,14 +11,20 @@ Per-image rows (what the pass over the data accumulates, indexed by global image
 """
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from vitsparse_jax import science
 from vitsparse_jax.experiments import sanity
 
+log = logging.getLogger(__name__)
 TRANSFORMERS = ("vit", "swin")
+# docs/science.md definitions of each family's units (science.report_block)
+UNIT_DEFINITIONS = {"vit": ("vit_units", "prefix_mass"), "swin": ("swin_units",), "vgg": ("cnn_units",),
+                    "resnet": ("cnn_units",), "convnext": ("convnext_units",)}
 
 
 def _quantiles(x: np.ndarray, confidence: float) -> tuple[np.ndarray, np.ndarray]:
@@ -69,6 +75,9 @@ def summarize(rows: Mapping[str, np.ndarray], ps: Sequence[float], ns: Sequence[
     b0, bt, br = np.concatenate(b0)[:, None], np.concatenate(bt), np.concatenate(br)
     psi_lo, psi_hi = _quantiles(_psi(b0, bt, br, draws), confidence)
     drop_lo, drop_hi = _quantiles((draws * b0 - br) / (used * draws), confidence)
+    a0_lo, a0_hi = _quantiles(b0[:, 0] / used, confidence)          # each accuracy's own interval (the bands
+    at_lo, at_hi = _quantiles(bt / used, confidence)                # of Figures 4a / 4b)
+    ar_lo, ar_hi = _quantiles(br / (used * draws), confidence)
     psi = _psi(c0, ct, cr, draws)
 
     a0, at, ar = c0 / used, ct / used, cr / (used * draws)
@@ -77,15 +86,17 @@ def summarize(rows: Mapping[str, np.ndarray], ps: Sequence[float], ns: Sequence[
         i, j = divmod(c, len(ps))
         cells.append({
             "n": int(n), "p": float(p),
-            "top_correct": int(ct[c]), "A_t": float(at[c]),
+            "top_correct": int(ct[c]), "A_t": float(at[c]), "A_t_ci": [float(at_lo[c]), float(at_hi[c])],
             "rand_correct": [int(x) for x in rand_draws[:, i, j].sum(0)],
             "A_r_draws": [float(x) for x in rand_draws[:, i, j].mean(0)], "A_r": float(ar[c]),
+            "A_r_ci": [float(ar_lo[c]), float(ar_hi[c])],
             "drop_t": float(a0 - at[c]), "drop_r": float(a0 - ar[c]),
             "drop_r_ci": [float(drop_lo[c]), float(drop_hi[c])],
             "psi": _finite(psi[c]), "psi_ci": [_finite(psi_lo[c]), _finite(psi_hi[c])],
             "unstable": bool(drop_lo[c] <= 0.0),   # A0 - A_r is not distinguishable from 0
         })
-    out = {"images_used": used, "A0": float(a0), "A0_correct": int(c0), "cells": cells,
+    out = {"images_used": used, "A0": float(a0), "A0_correct": int(c0), "A0_ci": [float(a0_lo), float(a0_hi)],
+           "cells": cells,
            "bootstrap": {"samples": int(samples), "confidence": float(confidence), "seed": int(seed)}}
     if "whole" in rows:
         whole = rows["whole"][done]
@@ -144,9 +155,23 @@ def paper_table(results: Sequence[Mapping[str, Any]], title: str, confidence: fl
     return "\n".join(lines + ci_lines) + "\n"
 
 
+def tables_name(results: Sequence[Mapping[str, Any]]) -> str:
+    """'Table 1' (Transformers only), 'Table 2' (CNNs only) or 'Tables 1-2': the tables a run has."""
+    has = [any(r["family"] in TRANSFORMERS for r in results), any(r["family"] not in TRANSFORMERS for r in results)]
+    return "Tables 1-2" if all(has) else ("Table 1" if has[0] else "Table 2")
+
+
+def ns_text(ns: Sequence[int]) -> str:
+    """The n values of a grid as text: 'n = 2', 'n = 1, 3', 'n = 1..4' (consecutive, three or more)."""
+    ns = [int(n) for n in ns]
+    if len(ns) >= 3 and ns == list(range(ns[0], ns[0] + len(ns))):
+        return f"n = {ns[0]}..{ns[-1]}"
+    return "n = " + ", ".join(str(n) for n in ns)
+
+
 def tables_markdown(results: Sequence[Mapping[str, Any]], confidence: float) -> str:
     """Table 1 (Transformers) and Table 2 (CNNs), each only when it has models."""
-    parts = ["# Ablation results (paper 1, Tables 1-2)", "",
+    parts = [f"# Ablation results (paper 1, {tables_name(results)})", "",
              "Accuracies in % (top-1). A_t: top-p units of the last n layers dropped; A_r: mean of the random "
              "draws; ψ = (A0 - A_t) / (A0 - A_r); 'n.s.': A0 - A_r is within noise (its bootstrap interval "
              "reaches 0), so ψ is not reported. 'whole layer': every candidate unit of the last n layers "
@@ -213,20 +238,58 @@ def write_outputs(workdir: Any, out: dict[str, Any], config: Any, explorers: Seq
     workdir.write_csv("results.csv", csv_rows(results))
     workdir.write_text("tables.md", tables_markdown(results, float(ab.confidence)))
     n_a = 2 if 2 in results[0]["grid"]["n"] else results[0]["grid"]["n"][-1]
-    picked = _items(ab.figure_models)
-    shown = [r for r in results if not picked or r["model"] in picked or r["name"] in picked] or results
+    shown = figure_models(results, _items(ab.figure_models), "ablation.figure_models") or results
     workdir.save_figure(figures.accuracy_vs_p(shown, n=n_a), "figure4a")
-    focus = next((r for r in results if ab.figure_b_model in (r["model"], r["name"])), results[0])
+    focus = (figure_models(results, _items(ab.figure_b_model), "ablation.figure_b_model") or results)[:MAX_PANELS]
     workdir.save_figure(figures.accuracy_vs_p_by_n(focus), "figure4b")
-    text = report_text(out, n_a, focus["name"])
+    names = [r["name"] for r in focus]
+    text = report_text(out, n_a, names)
     workdir.write_text("report.md", text)
+    bands = band_text(results)
     write_report_html(workdir, "Ablation report", text + "\n" + tables_markdown(results, float(ab.confidence)),
-                      [("figure4a", f"accuracy vs p at n = {n_a}"),
-                       ("figure4b", f"{focus['name']}: accuracy vs p for each n, whole-layer reference dotted")],
+                      [("figure4a", f"accuracy vs p at n = {n_a}" + bands),
+                       ("figure4b", f"{' and '.join(names)}: accuracy vs p at {ns_text(focus[0]['grid']['n'])}"
+                                    + (", whole-layer reference dotted" if "whole_layer" in focus[0] else "")
+                                    + bands)],
                       explorers)
 
 
-def report_text(out: dict[str, Any], n_a: int, focus: str) -> str:
+MAX_PANELS = 4   # Figure 4b: at most this many models side by side (the first ones selected)
+
+
+def selects(pattern: str, name: str) -> bool:
+    """Whether a name given to select models (ablation.figure_models, figure_b_model) selects the model `name`
+    (arch.tag as loaded): an arch selects every tag of it, arch.tag that one tag."""
+    return pattern == name or ("." not in pattern and name.split(".", 1)[0] == pattern)
+
+
+def figure_models(results: Sequence[Mapping[str, Any]], patterns: Sequence[str], field: str
+                  ) -> list[Mapping[str, Any]]:
+    """The results that `patterns` select, in the run's order ([] for no pattern). A pattern that selects none
+    of them (one the config check could not rule out: a tag named where the model was listed without one) is
+    said in the log, not skipped silently."""
+    for pattern in patterns:
+        if not any(selects(pattern, r["name"]) for r in results):
+            log.warning("%s: %s selects none of the models measured (%s); the figure shows the others", field,
+                        pattern, ", ".join(r["name"] for r in results))
+    return [r for r in results if any(selects(p, r["name"]) for p in patterns)]
+
+
+def band_text(results: Sequence[Mapping[str, Any]]) -> str:
+    """The figures' caption for their error bars: what they are and their confidence level ('' without)."""
+    from vitsparse_jax.experiments.ablation.figures import confidence
+
+    level = confidence(results)
+    if level is None:
+        return ""
+    samples = results[0]["bootstrap"]["samples"]
+    return (f"; error bars: the {100 * level:g}% percentile bootstrap interval of each accuracy (A0 at p = 0, A_t, "
+            f"A_r) over {samples} resamples of the images (the points of each p drawn a little apart so that their "
+            "bars do not overlap). Every curve is measured on the same images, so overlapping bars do not mean "
+            "equal accuracies: ψ's own interval is in the tables")
+
+
+def report_text(out: dict[str, Any], n_a: int, focus: str | Sequence[str]) -> str:
     lines = ["# Ablation report (paper 1, section 5)", ""]
     source = out["data"]
     lines += [f"Data: {source.get('name')} ({source.get('identity')}), {source.get('num_images')} images"
@@ -237,15 +300,23 @@ def report_text(out: dict[str, Any], n_a: int, focus: str) -> str:
         unit = f", unit: {g['cnn_unit']}" if r["family"] in ("vgg", "resnet", "convnext") else ""
         sites = ", ".join(f"{s['site']} (U={s['units']})" for s in r["sites"])
         prov = r.get("provenance") or sanity.provenance(r)
+        draws = f"{g['draws']} random draw{'s' if g['draws'] != 1 else ''}"
         lines.append(f"- **{r['name']}** ({r['family']}; weights: {prov['kind']}, {prov['detail']}): A0 = "
-                     f"{100 * r['A0']:.2f}% on {r['images_used']} images ({r['images_skipped']} skipped); "
+                     f"{100 * r['A0']:.2f}% on {r['images_used']} images ({r['images_skipped']} skipped); grid: "
+                     f"p = {', '.join(f'{100 * p:g}' for p in g['p'])}% x {ns_text(g['n'])}, {draws}; "
                      f"ranking: {g['rank_by']}{unit}; renormalize={g['renormalize']}; ablation layers: {sites}")
     flagged = sum(c["unstable"] for r in out["models"] for c in r["cells"])
+    focus = [focus] if isinstance(focus, str) else list(focus)                         # Figure 4b's models
+    shown = next((r for r in out["models"] if r["name"] == focus[0]), out["models"][0])
     total = sum(len(r["cells"]) for r in out["models"])
     lines += ["", f"{flagged} of {total} cells flagged 'n.s.' (A0 - A_r within noise).", "",
               "Files: `report.html` (this report with the tables, figures and an explorer of the dropped units), "
-              "`tables.md` (Tables 1-2), `results.json`, `results.csv`, "
-              f"`figure4a.png/pdf` (accuracy vs p at n = {n_a}), `figure4b.png/pdf` ({focus}, n = 1..3, "
-              "whole-layer reference dotted).", "", "Decisions (SPEC section 3):", ""]
+              f"`tables.md` ({tables_name(out['models'])}), `results.json`, `results.csv`, "
+              f"`figure4a.png/pdf` (accuracy vs p at n = {n_a}), `figure4b.png/pdf` ({' and '.join(focus)}, "
+              f"{ns_text(shown['grid']['n'])}" + (", whole-layer reference dotted" if "whole_layer" in shown else "")
+              + ")" + band_text(out["models"]) + ".", "", "Decisions:", ""]
     lines += [f"- {decision}" for decision in out["decisions"]]
+    units = [k for r in out["models"] for k in UNIT_DEFINITIONS[r["family"]]]
+    whole = ["whole_layer"] if any("whole_layer" in r for r in out["models"]) else []
+    lines += ["", *science.report_block(["preprocessing", *units, "accuracies", "psi", *whole])]
     return "\n".join(lines) + "\n"

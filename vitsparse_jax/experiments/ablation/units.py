@@ -1,4 +1,4 @@
-"""Units, ranking and keep masks of the ablation experiment (SPEC section 3); pure and jit-friendly.
+"""Units, ranking and keep masks of the ablation experiment (docs/science.md#ablation-units); pure and jit-friendly.
 
 A *plan* says, for one model and one grid (p values, n values, draws), which mask sites are ablated, how
 many candidate units each has, what the clean pass must capture to rank them, and from which stage each
@@ -19,15 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from vitsparse_jax import models
+from vitsparse_jax.measures.units import count
 from vitsparse_jax.models.base import Array, ModelInfo
 
 RANK_BY = ("last_layer", "each_layer")
 CNN_UNITS = ("channel", "spatial")
-
-
-def count(p: float, units: int) -> int:
-    """k = round(p * U) (Python's round: halves go to the even neighbour)."""
-    return int(round(p * units))
 
 
 def stage_of(site: str, stages: Sequence[str]) -> str:
@@ -171,7 +167,7 @@ def make_plan(module: nn.Module, *, ps: Sequence[float], ns: Sequence[int], draw
 # --- on device -------------------------------------------------------------------------------------------
 
 def unit_scores(site: SiteUnits, captured: Array) -> Array:
-    """(B, U) ranking scores of a site's candidates from its clean-pass capture (SPEC sections 2-3)."""
+    """(B, U) ranking scores of a site's candidates from its clean-pass capture (docs/science.md#attention-maps)."""
     if site.kind == "token":      # mu: mean over heads and all query rows; patch columns only
         return captured.astype(jnp.float32).mean(axis=(1, 2))[:, site.prefix:]
     if site.kind == "window":     # per window column, then back to raster token order

@@ -1,1 +1,2 @@
-"""Receptive fields (paper 2): `run`, `grad` (the vjps), `locality` (E_r, S, mean radius), `report`, `figures`."""
+"""Receptive fields (paper 2): `run`, `grad` (the vjps), `report`, `figures`; the locality summary (E_r, S, mean
+radius) is `vitsparse_jax.measures.locality`."""

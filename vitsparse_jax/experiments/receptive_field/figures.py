@@ -4,7 +4,8 @@ Each function takes plain entries, one per measured model:
   {"label": str, "model": str, "trained": bool, "step": int | None, "image_size": [H, W],
    "maps": (L, H, W) array, "layers": [{"layer", "group", "relative_depth", "grid", "central",
    "S", "mean_radius", ...}, ...]}
-("model" is the colour key: the same for a model's trained and untrained twins) and returns a Figure.
+("model" is the colour key, the model's name with its tag: the same for a model's trained and untrained twins;
+for a checkpoint series, its training run's name) and returns a Figure.
 """
 from __future__ import annotations
 
@@ -142,22 +143,32 @@ def locality_vs_depth(entries: Sequence[Entry]) -> plt.Figure:
     return fig
 
 
+SERIES_STYLES = ("-", "--", ":", "-.")
+SERIES_NAMES = {"-": "solid", "--": "dashed", ":": "dotted", "-.": "dash-dot"}
+
+
 def locality_over_training(entries: Sequence[Entry]) -> plt.Figure:
     """S and mean radius against training step, a column per layer group, a line per layer coloured by
-    relative depth."""
+    relative depth; several series (entries' "model": each training run's name) in one line style each."""
     entries = sorted(entries, key=lambda e: e["step"])
-    steps = [e["step"] for e in entries]
+    series = list(dict.fromkeys(e["model"] for e in entries))
     groups = list(dict.fromkeys(g for e in entries for g in _groups(e)))
     fig, axes = plt.subplots(2, len(groups), figsize=(3.2 * len(groups) + 1.2, 5.8), squeeze=False, sharex=True)
     cmap = plt.get_cmap("viridis")
+    for k, run in enumerate(series):
+        style = SERIES_STYLES[k % len(SERIES_STYLES)]
+        mine = [e for e in entries if e["model"] == run]
+        steps = [e["step"] for e in mine]
+        for c, group in enumerate(groups):
+            names = list(dict.fromkeys(l["layer"] for e in mine for l in e["layers"] if l["group"] == group))
+            for name in names:
+                per_step = [next((l for l in e["layers"] if l["layer"] == name), None) for e in mine]
+                depth = next(l["relative_depth"] for l in per_step if l is not None)
+                for r, (key, _) in enumerate(METRICS):
+                    y = [np.nan if l is None else l[key] for l in per_step]
+                    axes[r, c].plot(steps, y, style, marker="o", color=cmap(depth), markersize=3, linewidth=1.2,
+                                    label=name)
     for c, group in enumerate(groups):
-        names = list(dict.fromkeys(l["layer"] for e in entries for l in e["layers"] if l["group"] == group))
-        for name in names:
-            per_step = [next((l for l in e["layers"] if l["layer"] == name), None) for e in entries]
-            depth = next(l["relative_depth"] for l in per_step if l is not None)
-            for r, (key, _) in enumerate(METRICS):
-                y = [np.nan if l is None else l[key] for l in per_step]
-                axes[r, c].plot(steps, y, "-o", color=cmap(depth), markersize=3, linewidth=1.2, label=name)
         axes[0, c].set_title(GROUP_TITLES.get(group, group), fontsize=9)
         axes[1, c].set_xlabel("training step")
         for r, (_, ylabel) in enumerate(METRICS):
@@ -166,5 +177,7 @@ def locality_over_training(entries: Sequence[Entry]) -> plt.Figure:
                 axes[r, c].set_ylabel(ylabel)
     sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, 1))
     fig.colorbar(sm, ax=axes.ravel().tolist(), label="relative depth", fraction=0.03, pad=0.02)
-    fig.suptitle(f"Locality over training: {entries[0].get('arch', entries[0]['model'])}", fontsize=10)
+    runs = [run if len(series) == 1 else f"{run} ({SERIES_NAMES[SERIES_STYLES[k % len(SERIES_STYLES)]]})"
+            for k, run in enumerate(series)]   # several runs: which line style is which
+    fig.suptitle(f"Locality over training: {', '.join(runs)}", fontsize=10)
     return fig

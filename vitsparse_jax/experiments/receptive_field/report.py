@@ -7,9 +7,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from vitsparse_jax import science
 from vitsparse_jax.experiments import sanity
-from vitsparse_jax.experiments.receptive_field import locality
-from vitsparse_jax.experiments.receptive_field.grad import Layer
+from vitsparse_jax.experiments.names import pair_names
+from vitsparse_jax.measures import locality
+from vitsparse_jax.measures.gradient_fields import Layer
 from vitsparse_jax.runtime.workdir import Workdir, atomic_write_bytes
 
 DECISIONS = (
@@ -30,8 +32,9 @@ DECISIONS = (
 class Measured:
     """One model's mean receptive-field maps over the images, with what the results say about it."""
 
-    model: dict[str, Any]      # loaded.describe() + name, listed, arch, trained (the weights are not kept)
-    label: str                 # e.g. 'vit_pico_patch4_32 (trained)'
+    model: dict[str, Any]      # loaded.describe() + name, listed, arch, trained (the weights are not kept);
+                               # listed: the name as listed (a series: its training run's name)
+    label: str                 # e.g. 'vit_pico_patch4_32.digits (trained)', 'vit_pico_patch4_32.digits step 500'
     layers: list[Layer]
     maps: np.ndarray           # (L, H, W) mean M over images
     num_images: int
@@ -73,8 +76,11 @@ def result_json(res: Measured) -> dict[str, Any]:
             "image_size": list(res.image_hw), "layers": res.summaries()}
 
 
-def _figure_entry(res: Measured) -> dict[str, Any]:
-    return {**result_json(res), "model": res.model["listed"], "maps": res.maps}
+def _figure_entry(res: Measured, shown: dict[str, str] | None = None) -> dict[str, Any]:
+    """The figures' entry: 'model' is the colour key, the name (with its tag) that stands for a listed model's
+    trained and untrained variants (`shown`: names.pair_names), or a series' training run."""
+    listed = res.model["listed"]
+    return {**result_json(res), "model": (shown or {}).get(listed, listed), "maps": res.maps}
 
 
 def _save_maps(workdir: Workdir, name: str, results: Sequence[Measured]) -> None:
@@ -108,7 +114,7 @@ def _weights_cell(model: dict[str, Any]) -> str:
 def _report(results: Sequence[Measured], series: Sequence[Measured], fraction: float,
             files: Sequence[str], warnings: Sequence[str] = ()) -> str:
     lines = ["# Receptive fields and locality (paper 2)", "",
-             f"Central fraction f = {fraction:.6g}. S and mean radius in input pixels (SPEC section 5).", "",
+             f"Central fraction f = {fraction:.6g}. S and mean radius in input pixels.", "",
              *sanity.markdown(warnings),
              "| model | weights | images | layer group | layers | S first -> last | mean radius first -> last |",
              "|---|---|---|---|---|---|---|"]
@@ -122,8 +128,10 @@ def _report(results: Sequence[Measured], series: Sequence[Measured], fraction: f
                          f"{g[0]['mean_radius']:.3g} -> {g[-1]['mean_radius']:.3g} |")
     if series:
         steps = ", ".join(str(r.step) for r in series)
-        lines += ["", f"Locality over training: {len(series)} checkpoints of {series[0].model['arch']}, steps {steps}."]
+        runs = " and ".join(dict.fromkeys(r.model["listed"] for r in series))
+        lines += ["", f"Locality over training: {len(series)} checkpoints of {runs}, steps {steps}."]
     lines += ["", "Decisions:", *(f"- {d}" for d in DECISIONS), "", "Files: " + ", ".join(files), ""]
+    lines += science.report_block(["preprocessing", "receptive_field", "locality", "sub_stages"])
     return "\n".join(lines)
 
 
@@ -139,7 +147,8 @@ def write_outputs(workdir: Workdir, results: Sequence[Measured], series: Sequenc
     workdir.write_json("results.json", summary)
     workdir.write_csv("receptive_fields.csv", _csv_rows(results))
     _save_maps(workdir, "receptive_fields.npz", results)
-    entries = [_figure_entry(r) for r in results]
+    shown = pair_names([r.model for r in results])
+    entries = [_figure_entry(r, shown) for r in results]
     scale = (summary.get("config") or {}).get("receptive_field", {}).get("map_scale", "per_map")
     workdir.save_figure(figures.maps_across_depth(entries, max_columns=max_columns, scale=scale),
                         "receptive_field_maps")

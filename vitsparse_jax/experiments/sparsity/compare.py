@@ -1,9 +1,10 @@
 """Several models in one sparsity run (`sparsity.models`): comparison tables and figures.
 
-Each model's own outputs are in `models/<name>/` (results.json, tables, figures, report.md); this module
+Each model's own outputs are in `models/<name with its tag>/` (results.json, tables, figures, report.md); this module
 writes, at the top of the workdir, `models.csv` (one row per model and block), `results.json` and the
 comparison figures: Fig. 3a's nu density of the last block side by side, the share of patch attention
-in the top 5% columns against relative depth, and SPEC section 7's overlap and Spearman curves.
+in the top 5% columns against relative depth, and the overlap and Spearman curves of
+docs/science.md#high-norm-tokens.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
 
+from vitsparse_jax import science
 from vitsparse_jax.experiments.sparsity import norms
 from vitsparse_jax.experiments.sparsity import stats as st
 from vitsparse_jax.report_html import write_report_html
@@ -49,9 +51,9 @@ def rows(summaries: Sequence[dict]) -> list[dict[str, Any]]:
                    "mean_nu": float(res["mean_nu"][l])}
             row.update({f"prefix_mu_{kind}": float(v[l]) for kind, v in res["prefix_mu_by_kind"].items()})
             if norms is not None:
-                row.update(high_norm_share=float(norms["high_norm_share"][l + 1]),
-                           top_overlap=float(norms["top_overlap"][l]),
-                           top_overlap_chance=float(norms["top_overlap_chance"][l]),
+                row.update(high_norm_share_input=float(norms["high_norm_share_input"][l]),
+                           high_norm_share_output=float(norms["high_norm_share_output"][l]),
+                           top5_overlap_high_norm_input=float(norms["top5_overlap_high_norm_input"][l]),
                            spearman_mu_input_norm=float(norms["spearman_mu_input_norm"][l]))
             out.append(row)
     return out
@@ -111,6 +113,9 @@ def write_comparison(workdir: Workdir, summaries: Sequence[dict], config: dict) 
               for s in summaries]
     lines += ["", "Per model and block: `models.csv`. Figures:", ""]
     lines += [f"![{stem}]({stem}.png)" for stem in figures]
+    keys = ["mu", "prefix_mass", "nu_density", "top_share", "block_depth"] if _attention(summaries) else []
+    keys += ["high_norm_tokens"] if with_norms else []
+    lines += ["", *science.report_block(keys)]
     text = "\n".join(lines) + "\n"
     workdir.write_text("report.md", text)
     write_report_html(workdir, "Sparsity: several models", text, [(stem, "") for stem in figures])

@@ -1,6 +1,8 @@
 """The sparsity explorer of report.html: for a few example images, every block's and head's post-softmax map
 in compact form, mu per column, the top columns, token norms and prefix-token mass (ViTs), or, for Swin, every
-block's window attention mapped back to the block's token grid (`collect_swin`, static/sparsity_swin.js).
+block's window attention mapped back to the block's token grid (`collect_swin`, explorer_swin.js); and each
+head's mean attention distance (all and central patch queries) and prefix mass, per block, for each example
+image and over the run (`distances`, explorer_distances.js; docs/science.md#attention-distance).
 
 Images: `sparsity.explore_images` readable images from `sparsity.example_index` on (the Fig. 1 image first).
 Rows are stored compactly (docs/sparsity.md, "report.html"): per row (query token), block and head (the head
@@ -18,10 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from vitsparse_jax import data
+from vitsparse_jax.experiments.contract import Context
 from vitsparse_jax.experiments.sparsity import stats as st
 from vitsparse_jax.experiments.sparsity.probe import Probe
+from vitsparse_jax.measures import attention_distance
+from vitsparse_jax.measures.attention_summary import BlockMeasures
 from vitsparse_jax.report_html import Explorer, encode_array, image_data_url, static_text
-from vitsparse_jax.runtime import parallel
 from vitsparse_jax.weights.loading import LoadedModel
 
 ROW_TOP_K = 16        # patch columns kept per attention row ...
@@ -72,17 +76,9 @@ def pack(a: jax.Array, prefix: int, top_k: int) -> dict[str, jax.Array]:
             "rest": jnp.maximum(patches.sum(-1) - vals.sum(-1), 0.0), "mu": a.mean(axis=-2)}
 
 
-def _example_batch(loaded: LoadedModel, source: data.Source, mesh: jax.sharding.Mesh, start: int,
-                   stop: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Images start..stop-1 as one host batch (padded to the mesh) and the rows that hold readable images."""
-    size = -(-(stop - start) // mesh.size) * mesh.size
-    batch = parallel.to_host(next(iter(data.batches(source, loaded.pretrained_cfg, size, mesh, start=start,
-                                                    stop=stop))))
-    return batch, np.flatnonzero(np.asarray(batch["valid"]))
-
-
 def _pack_fn(loaded: LoadedModel, probe: Probe, top_k: int, norms: bool) -> Any:
-    """jit(variables, image uint8) -> {"blocks": [pack(maps of each block)], "norms": (B, L + 1, N)}."""
+    """jit(variables, image uint8) -> {"blocks": [pack(maps of each block)], "norms": (B, L + 1, N), "distances":
+    the probe's per-image attention distances (B, blocks, heads) when it measures them}."""
     p, cfg = probe.layout.prefix, loaded.pretrained_cfg
     names = ("embed", *probe.names) if norms else ()
 
@@ -91,6 +87,8 @@ def _pack_fn(loaded: LoadedModel, probe: Probe, top_k: int, norms: bool) -> Any:
         _, aux = loaded.module.apply(variables, data.normalize(image, cfg),
                                      capture=tuple(dict.fromkeys(probe.captures + names)))
         out = {"blocks": [pack(aux[c], p, top_k) for c in probe.captures]}
+        if probe.distances is not None:
+            out["distances"] = probe.distances(aux)
         if norms:
             out["norms"] = jnp.stack([jnp.linalg.norm(aux[c].astype(jnp.float32), axis=-1) for c in names], 1)
         return out
@@ -98,10 +96,11 @@ def _pack_fn(loaded: LoadedModel, probe: Probe, top_k: int, norms: bool) -> Any:
     return fn
 
 
-def encode(blocks: list[dict[str, np.ndarray]], norms: np.ndarray | None, meta: dict[str, Any]) -> dict[str, Any]:
+def encode(blocks: list[dict[str, np.ndarray]], norms: np.ndarray | None, meta: dict[str, Any],
+           distances: dict[str, Any] | None = None) -> dict[str, Any]:
     """Host arrays of `pack` per block (images first) and the token norms (I, L + 1, N) -> the page's data.
     `meta`: model, blocks, heads, grid, prefix, prefix_kinds, top_fraction, images (data URLs), image_index,
-    label."""
+    label; `distances`: `image_distances` of the same images."""
     stack = lambda k: np.stack([np.asarray(b[k]) for b in blocks], 1)  # noqa: E731 (I, L, H + 1, ...)
     gh, gw = meta["grid"]
     p, patches, mu = meta["prefix"], gh * gw, stack("mu")
@@ -118,25 +117,25 @@ def encode(blocks: list[dict[str, np.ndarray]], norms: np.ndarray | None, meta: 
            "top": encode_array(top, index_kind)}
     if norms is not None:   # (I, L + 1, N): the input of block l is entry l
         res["norms"] = encode_array(norms, "float16")
-    return res
+    return _with_distances(res, distances)
 
 
-def collect(loaded: LoadedModel, probe: Probe, source: data.Source, mesh: jax.sharding.Mesh, start: int,
-            images: int, top_fraction: float) -> dict[str, Any] | None:
+def collect(loaded: LoadedModel, probe: Probe, ctx: Context, start: int, images: int,
+            top_fraction: float) -> dict[str, Any] | None:
     """The explorer's data for the readable images among `images` from `start` on (None when none)."""
     if images <= 0 or not supported(probe):
         return None
     if is_swin(probe):
-        return collect_swin(loaded, probe, source, mesh, start, images, top_fraction)
+        return collect_swin(loaded, probe, ctx, start, images, top_fraction)
     lay: st.AttentionLayout = probe.layout
     gh, gw = lay.grids[-1]
-    stop = min(len(source), start + images)
+    stop = min(len(ctx.source), start + images)
     top_k = row_top_k(stop - start, len(probe.names), lay.heads, lay.prefix, gh * gw)
-    batch, keep = _example_batch(loaded, source, mesh, start, stop)
+    batch, keep = ctx.host_batch(loaded, start, stop)
     if keep.size == 0:
         return None
     norms = "embed" in loaded.info.capture_names
-    out = parallel.to_host(_pack_fn(loaded, probe, top_k, norms)(loaded.variables, batch["image"]))
+    out = ctx.to_host(_pack_fn(loaded, probe, top_k, norms)(loaded.variables, batch["image"]))
     side = batch["image"].shape[1]
     meta = {"model": loaded.name, "blocks": list(probe.names), "heads": lay.heads, "grid": [gh, gw],
             "prefix": lay.prefix, "prefix_kinds": list(lay.prefix_kinds), "top_fraction": float(top_fraction),
@@ -144,7 +143,53 @@ def collect(loaded: LoadedModel, probe: Probe, source: data.Source, mesh: jax.sh
                                       max_side=IMAGE_SIDE) for i in keep],
             "image_index": [int(batch["index"][i]) for i in keep], "label": [int(batch["label"][i]) for i in keep]}
     blocks = [{k: np.asarray(v)[keep] for k, v in b.items()} for b in out["blocks"]]
-    return encode(blocks, np.asarray(out["norms"])[keep] if norms else None, meta)
+    distances = image_distances(probe.distances, out["distances"], keep) if probe.distances is not None else None
+    return encode(blocks, np.asarray(out["norms"])[keep] if norms else None, meta, distances)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Attention distance per head (docs/science.md#attention-distance): plain JSON numbers, NaN as null
+
+DISTANCE_VALUES = (("distance", "distance_px"), ("distance_central", "distance_central_px"),
+                   ("prefix_mass", "prefix_mass"))   # (device value, results key)
+
+
+def _with_distances(res: dict[str, Any], distances: dict[str, Any] | None) -> dict[str, Any]:
+    """The page's data with `image_distances` of its images, whose blocks must be the page's, in its order."""
+    if distances is None:
+        return res
+    if distances["blocks"] != list(res["blocks"]):
+        raise ValueError(f"attention distances of blocks {distances['blocks']} for an explorer of {res['blocks']}")
+    return {**res, "distances": distances}
+
+
+def _numbers(x: np.ndarray) -> list[float | None]:
+    """JSON numbers to 7 significant digits (float32's precision; the page stays small), NaN as null."""
+    return [None if np.isnan(v) else float(f"{v:.7g}") for v in np.asarray(x, np.float64)]
+
+
+def image_distances(measures: BlockMeasures, values: dict[str, Any], keep: np.ndarray) -> dict[str, Any]:
+    """The attention distances of the explorer's images: `measures`' per-image device values (B, blocks,
+    max_heads) of the rows `keep` -> per block its heads, image side and uniform-map references, and per image,
+    block and head (that block's heads only) the all- and central-query distance in pixels and the prefix mass."""
+    refs = [attention_distance.uniform_reference(g) for g in measures.geometries]
+    image = {}
+    for value, key in DISTANCE_VALUES:
+        v = np.asarray(values[value], np.float64)[keep]
+        image[key] = [[_numbers(v[i, b, :h]) for b, h in enumerate(measures.heads)] for i in range(len(v))]
+    return {"blocks": list(measures.blocks), "heads": list(measures.heads),
+            "image_side": [int(g.image_side) for g in measures.geometries], "renormalize": measures.renormalize,
+            "uniform": {"distance_px": [r.distance for r in refs],
+                        "distance_central_px": [r.distance_central for r in refs]}, "image": image}
+
+
+def run_distances(res: dict[str, Any]) -> dict[str, Any]:
+    """The run's means over its images (`BlockMeasures.results`: (blocks, max_heads), NaN-padded) -> per block
+    and head, as `image_distances` has them, with the number of images."""
+    out: dict[str, Any] = {"images": int(res["images"])}
+    for _, key in DISTANCE_VALUES:
+        out[key] = [_numbers(np.asarray(res[key])[b, :h]) for b, h in enumerate(res["heads"])]
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -178,22 +223,27 @@ def pack_windows(probs: jax.Array, top_k: int) -> dict[str, jax.Array]:
 
 
 def _pack_swin_fn(loaded: LoadedModel, probe: Probe, top_k: int) -> Any:
-    """jit(variables, image uint8) -> per block {pack_windows(...), "mu": the probe's (mu, mu_h) pairs}."""
+    """jit(variables, image uint8) -> {"blocks": per block {pack_windows(...), "mu": the probe's (mu, mu_h)
+    pairs}, "distances": the probe's per-image attention distances, when it measures them}."""
     cfg = loaded.pretrained_cfg
 
     @jax.jit
-    def fn(variables: Any, image: jax.Array) -> list[dict[str, Any]]:
+    def fn(variables: Any, image: jax.Array) -> dict[str, Any]:
         _, aux = loaded.module.apply(variables, data.normalize(image, cfg), capture=probe.captures)
-        return [{**pack_windows(aux[c], top_k), "mu": probe.column_means(aux, l)}
-                for l, c in enumerate(probe.captures)]
+        out: dict[str, Any] = {"blocks": [{**pack_windows(aux[c], top_k), "mu": probe.column_means(aux, l)}
+                                          for l, c in enumerate(probe.captures)]}
+        if probe.distances is not None:
+            out["distances"] = probe.distances(aux)
+        return out
 
     return fn
 
 
-def encode_swin(blocks: list[dict[str, Any]], token_index: list[np.ndarray], meta: dict[str, Any]) -> dict[str, Any]:
+def encode_swin(blocks: list[dict[str, Any]], token_index: list[np.ndarray], meta: dict[str, Any],
+                distances: dict[str, Any] | None = None) -> dict[str, Any]:
     """Host arrays of `_pack_swin_fn` per block (images first; "mu" as ((mu, err), (mu_h, err)) pairs, the
     run's own column means) and each block's window token index (nW, T) -> the page's data. `meta`: model,
-    blocks, grids, windows, shifts, top_fraction, images, image_index, label."""
+    blocks, grids, windows, shifts, top_fraction, images, image_index, label; `distances`: `image_distances`."""
     out = []
     for b, tokens, grid, window, shift in zip(blocks, token_index, meta["grids"], meta["windows"], meta["shifts"]):
         (mu, mu_h) = b["mu"]
@@ -211,24 +261,25 @@ def encode_swin(blocks: list[dict[str, Any]], token_index: list[np.ndarray], met
             entry["idx"] = encode_array(np.asarray(b["idx"]), "uint8_raw" if t <= 256 else "uint16")
             entry["rest"] = encode_array(np.asarray(b["rest"]), "float16")
         out.append(entry)
-    return {**{k: v for k, v in meta.items() if k not in ("grids", "windows", "shifts")}, "kind": "swin",
-            "prefix": 0, "log_floor": LOG_FLOOR, "row_top_k": max(e["k"] for e in out), "swin": out}
+    res = {**{k: v for k, v in meta.items() if k not in ("grids", "windows", "shifts")}, "kind": "swin",
+           "prefix": 0, "log_floor": LOG_FLOOR, "row_top_k": max(e["k"] for e in out), "swin": out}
+    return _with_distances(res, distances)
 
 
-def collect_swin(loaded: LoadedModel, probe: Probe, source: data.Source, mesh: jax.sharding.Mesh, start: int,
-                 images: int, top_fraction: float) -> dict[str, Any] | None:
+def collect_swin(loaded: LoadedModel, probe: Probe, ctx: Context, start: int, images: int,
+                 top_fraction: float) -> dict[str, Any] | None:
     """`collect` for Swin: each block's window rows on the block's own grid (windows through the cyclic shift
     as the model takes them: `probe.token_index`, from `models.swin.window_token_index`)."""
     where = [(int(n.split(".")[1]), int(n.split(".")[3])) for n in probe.names]   # layers.{s}.blocks.{b}
     geoms = [loaded.module.geometry()[s][b] for s, b in where]
-    stop = min(len(source), start + images)
+    stop = min(len(ctx.source), start + images)
     heads = [int(loaded.module.num_heads[s]) for s, _ in where]
     tokens = [np.asarray(i) for i in probe.token_index]
     top_k = swin_row_top_k(stop - start, [(i.size * (h + 1), i.shape[1]) for i, h in zip(tokens, heads)])
-    batch, keep = _example_batch(loaded, source, mesh, start, stop)
+    batch, keep = ctx.host_batch(loaded, start, stop)
     if keep.size == 0:
         return None
-    out = parallel.to_host(_pack_swin_fn(loaded, probe, top_k)(loaded.variables, batch["image"]))
+    out = ctx.to_host(_pack_swin_fn(loaded, probe, top_k)(loaded.variables, batch["image"]))
     side = batch["image"].shape[1]
     meta = {"model": loaded.name, "blocks": list(probe.names), "grids": [list(g.grid) for g in geoms],
             "windows": [list(g.window) for g in geoms], "shifts": [list(g.shift) for g in geoms],
@@ -236,28 +287,37 @@ def collect_swin(loaded: LoadedModel, probe: Probe, source: data.Source, mesh: j
             "images": [image_data_url(np.asarray(batch["image"][i]), "jpeg" if side > 64 else "png",
                                       max_side=IMAGE_SIDE) for i in keep],
             "image_index": [int(batch["index"][i]) for i in keep], "label": [int(batch["label"][i]) for i in keep]}
-    blocks = [jax.tree.map(lambda v: np.asarray(v)[keep], b) for b in out]
-    return encode_swin(blocks, tokens, meta)
+    blocks = [jax.tree.map(lambda v: np.asarray(v)[keep], b) for b in out["blocks"]]
+    distances = image_distances(probe.distances, out["distances"], keep) if probe.distances is not None else None
+    return encode_swin(blocks, tokens, meta, distances)
 
 
 HTML = """
 <p class="vj-note">Point at a patch (click to pin it, click again to release) to see its attention row (where
-it looks) and its column (who looks at it). <kbd>&larr;</kbd> <kbd>&rarr;</kbd> step through blocks.
-<span id="sparsity-k"></span></p>
+it looks) and its column (who looks at it). <kbd>&larr;</kbd> <kbd>&rarr;</kbd> step through blocks. The maps
+are drawn in their colour bar's colours (map opacity 100%); the image is beside them, and washed out under
+the cells that hold no value. <span id="sparsity-k"></span></p>
 <div class="vj-controls">
   <label>image <select id="sparsity-image"></select></label>
   <label>block <button id="sparsity-prev" type="button">&#9664;</button><select id="sparsity-block"></select>
     <button id="sparsity-next" type="button">&#9654;</button></label>
   <label>head <select id="sparsity-head"></select></label>
-  <label>colour <select id="sparsity-scale"><option value="linear">linear</option>
-    <option value="log" selected>log10</option></select></label>
+  <label>colour <select id="sparsity-scale"><option value="log" selected>log10, at least 1 decade</option>
+    <option value="stretch">log10, min to max</option><option value="linear">linear, 0 to max</option></select></label>
+  <label>map opacity <input type="range" id="sparsity-opacity" min="0" max="100" step="5" value="100">
+    <span id="sparsity-opacity-value">100%</span></label>
+</div>
+<div class="vj-controls">
   <label><input type="checkbox" id="sparsity-show-mu" checked> mu per column</label>
   <label><input type="checkbox" id="sparsity-show-top" checked> top <span id="sparsity-top-pct"></span>% columns</label>
   <label><input type="checkbox" id="sparsity-show-norms"> token norms</label>
   <label><input type="checkbox" id="sparsity-show-prefix" checked> prefix-token mass</label>
+  <label><input type="checkbox" id="sparsity-show-dist" checked> attention distance per head</label>
 </div>
 <div class="vj-controls" id="sparsity-queries"></div>
 <div class="vj-panels">
+  <div class="vj-panel"><h3>Image (query outlined)</h3><canvas id="sparsity-picture" width="320" height="320"></canvas>
+    <div class="vj-note" id="sparsity-grid-note"></div></div>
   <div class="vj-panel"><h3>Row: where the query looks</h3><canvas id="sparsity-row" width="320" height="320"></canvas>
     <div class="vj-colorbar" id="sparsity-row-cb"></div></div>
   <div class="vj-panel"><h3>Column: who looks at it</h3><canvas id="sparsity-col" width="320" height="320"></canvas>
@@ -267,13 +327,27 @@ it looks) and its column (who looks at it). <kbd>&larr;</kbd> <kbd>&rarr;</kbd> 
   <div class="vj-panel" id="sparsity-norm-panel" hidden><h3>Token norms at the block's input</h3>
     <canvas id="sparsity-norm" width="320" height="320"></canvas>
     <div class="vj-colorbar" id="sparsity-norm-cb"></div></div>
+  <div class="vj-panel" id="sparsity-dist-panel"><h3>Attention distance per head, this block</h3>
+    <label class="vj-note" style="align-self:flex-start">values: <select id="sparsity-dist-source"></select></label>
+    <svg id="sparsity-dist" width="320" height="240" role="img" aria-label="attention distance per head"></svg>
+    <div class="vj-note" id="sparsity-dist-legend"></div></div>
 </div>
 <div class="vj-readout" id="sparsity-readout"></div>
 <div class="vj-readout" id="sparsity-prefix"></div>
+<div class="vj-readout" id="sparsity-dist-readout"></div>
 """
 
 
-def make_explorer(collected: dict[str, Any]) -> Explorer:
-    script = "sparsity_swin.js" if collected.get("kind") == "swin" else "sparsity.js"
-    return Explorer(key="sparsity", title="Attention explorer", html=HTML, script=static_text(script),
-                    data=collected)
+def make_explorer(collected: dict[str, Any], distances: dict[str, Any] | None = None) -> Explorer:
+    """The explorer of `collect`'s data; `distances`: the run's attention distances (`BlockMeasures.results`, the
+    statistics' "attention_distance"), shown beside the example images' own."""
+    data = collected
+    if distances is not None and "distances" in collected:
+        if list(distances["blocks"]) != collected["distances"]["blocks"]:
+            raise ValueError(f"the run's attention distances are of blocks {distances['blocks']}, the explorer's of "
+                             f"{collected['distances']['blocks']}")
+        data = {**collected, "distances": {**collected["distances"], "run": run_distances(distances)}}
+    script = "explorer_swin.js" if collected.get("kind") == "swin" else "explorer.js"
+    return Explorer(key="sparsity", title="Attention explorer", html=HTML,
+                    script=static_text("explorer_distances.js", __package__) + "\n" + static_text(script, __package__),
+                    data=data)

@@ -1,6 +1,6 @@
 """Figures of paper 1, sections 3-4: attention maps, correlations, nu densities, top-5% spatial share.
 
-Every function takes plain arrays (as computed by `vitsparse_jax.experiments.sparsity.run`) and returns a Figure; the
+Every function takes plain arrays (as computed by `vitsparse_jax.experiments.sparsity.experiment`) and returns a Figure; the
 experiment saves it (PNG + PDF) with `Workdir.save_figure`.
 """
 from __future__ import annotations

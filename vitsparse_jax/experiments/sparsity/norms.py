@@ -1,4 +1,4 @@
-"""SPEC section 7 outputs of one model: sparse columns against high-norm tokens.
+"""docs/science.md#high-norm-tokens, outputs of one model: sparse columns against high-norm tokens.
 
 The statistics themselves are streamed with the others (`stats.norm_image_values`); here: the table per
 block, the mu-against-input-norm scatter of the last block for a few images, and its figure.
@@ -7,15 +7,11 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-import jax
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
 
-from vitsparse_jax import data
 from vitsparse_jax.experiments.sparsity import stats as st
-from vitsparse_jax.experiments.sparsity.probe import Probe
-from vitsparse_jax.runtime import parallel
 
 SCATTER_IMAGES = 8   # images drawn in the mu-against-norm scatter
 PREFIX_STYLE = {"cls": ("s", "C3", "class token"), "dist": ("D", "C2", "distillation token"),
@@ -27,9 +23,9 @@ def rows(names: Sequence[str], res: dict[str, Any]) -> list[dict[str, Any]]:
     n = res["norms"]
     out = []
     for l, name in enumerate(names):
-        row = {"block": name, "high_norm_share_output": n["high_norm_share"][l + 1],
-               "high_norm_share_input": n["high_norm_share"][l], "top5_overlap": n["top_overlap"][l],
-               "top5_overlap_chance": n["top_overlap_chance"][l],
+        row = {"block": name, "high_norm_share_input": n["high_norm_share_input"][l],
+               "high_norm_share_output": n["high_norm_share_output"][l],
+               "top5_overlap_high_norm_input": n["top5_overlap_high_norm_input"][l],
                "spearman_mu_input_norm": n["spearman_mu_input_norm"][l],
                "patch_norm_median_output": n["patch_norm_median"][l + 1]}
         row.update({f"mu_mass_{kind}": v[l] for kind, v in res["prefix_mu_by_kind"].items()})
@@ -37,17 +33,12 @@ def rows(names: Sequence[str], res: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def scatter_values(loaded: Any, probe: Probe, source: data.Source, mesh: Any, start: int) -> dict[str, np.ndarray]:
-    """The last block's mu (n, N) and the norms of its input tokens (n, N) for up to SCATTER_IMAGES readable
-    images from `start` on, from one batch of the same forward pass."""
-    stop = min(len(source), start + SCATTER_IMAGES)
-    size = -(-(stop - start) // mesh.size) * mesh.size
-    batch = parallel.to_host(next(iter(data.batches(source, loaded.pretrained_cfg, size, mesh, start=start,
-                                                    stop=stop))))
-    fn = jax.jit(lambda v, x: probe.reduce(loaded.module.apply(v, x, capture=probe.all_captures)[1]))
-    reduced = parallel.to_host(fn(loaded.variables, data.normalize(batch["image"], loaded.pretrained_cfg)))
-    keep = np.asarray(batch["valid"])
-    return {"mu": st.hi_lo(reduced["mu"][-1])[keep], "norm_in": np.asarray(reduced["norms"])[keep, -2]}
+def scatter_values(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The last block's mu (n, N) and the norms of its input tokens (n, N) of the readable images among the
+    SCATTER_IMAGES from the example image on: the rows the pass kept of them (`done`: the image was readable),
+    in image order. No forward pass of its own (and no program to compile)."""
+    done = rows["done"]
+    return {"mu": rows["mu"][done], "norm_in": rows["norm_in"][done]}
 
 
 def mu_norm_figure(scatter: dict[str, np.ndarray], prefix_kinds: Sequence[str], title: str) -> Figure:
@@ -74,14 +65,15 @@ def mu_norm_figure(scatter: dict[str, np.ndarray], prefix_kinds: Sequence[str], 
 
 def depth_figure(models: Sequence[tuple[str, dict]]) -> Figure:
     """Overlap of the top-5% mu columns with the high-norm tokens of the block's input (solid; dotted:
-    chance = the input's high-norm share), Spearman r(mu, input norm), and the mu mass on register tokens,
+    chance = `high_norm_share_input`), Spearman r(mu, input norm), and the mu mass on register tokens,
     against relative depth (block / blocks), one colour per model; models = (name, statistics)."""
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
     for i, (name, res) in enumerate(models):
         colour, n = f"C{i}", res["norms"]
-        depth = (np.arange(len(n["top_overlap"])) + 1) / len(n["top_overlap"])
-        axes[0].plot(depth, n["top_overlap"], marker="o", ms=3, color=colour, label=name)
-        axes[0].plot(depth, n["top_overlap_chance"], ls=":", color=colour)
+        overlap = n["top5_overlap_high_norm_input"]
+        depth = (np.arange(len(overlap)) + 1) / len(overlap)
+        axes[0].plot(depth, overlap, marker="o", ms=3, color=colour, label=name)
+        axes[0].plot(depth, n["high_norm_share_input"], ls=":", color=colour)
         axes[1].plot(depth, n["spearman_mu_input_norm"], marker="o", ms=3, color=colour, label=name)
         reg = res["prefix_mu_by_kind"].get("reg")
         if reg is not None:

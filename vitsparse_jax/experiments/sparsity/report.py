@@ -5,11 +5,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from vitsparse_jax import science
 from vitsparse_jax.experiments import sanity
 from vitsparse_jax.experiments.sparsity import explorer, norms
 from vitsparse_jax.experiments.sparsity import figures as figs
 from vitsparse_jax.experiments.sparsity import stats as st
 from vitsparse_jax.experiments.sparsity.probe import Example, Probe
+from vitsparse_jax.measures import attention_summary
 from vitsparse_jax.report_html import write_report_html
 from vitsparse_jax.runtime.workdir import Workdir
 
@@ -108,25 +110,46 @@ def attention_outputs(workdir: Workdir, name: str, probe: Probe, res: dict, ex: 
          "Fig. S4: density of nu for every block.")
     save(figs.top_share(lay.top_fractions, res["top_share"], res["top_share_uniform"], short, "columns"),
          "top_share", "Share of the patch columns' attention mass held by the top p% columns (mean over images).")
-    if res.get("norms") is not None:   # SPEC sec. 7
+    if res.get("norms") is not None:   # docs/science.md#high-norm-tokens
         norm_rows = norms.rows(names, res)
         workdir.write_csv("norms.csv", norm_rows)
         if ex is not None and ex.norm_scatter is not None:
             save(norms.mu_norm_figure(ex.norm_scatter, lay.prefix_kinds, f"{name}: {names[-1]}"),
-                 "norms_mu_vs_input_norm", f"SPEC sec. 7: mu of the last block's columns against the norm of the "
+                 "norms_mu_vs_input_norm", f"mu of the last block's columns against the norm of the "
                  f"same token at the block's input, {len(ex.norm_scatter['mu'])} images from {ex.index} on "
                  "(log-log; prefix tokens marked).")
         save(norms.depth_figure([(name, res)]), "norms_vs_depth",
-             f"SPEC sec. 7: share of each block's top-5% mu columns that are high-norm tokens (norm > "
+             f"Share of each block's top-5% mu columns that are high-norm tokens (norm > "
              f"{res['norms']['norm_factor']:g} x median) of its input (dotted: chance), Spearman r(mu, input norm) "
              "and the mu mass on register tokens, against relative depth.")
     tables = ["## Blocks", "", markdown_table(rows), "",
-              *(["## Sparse columns and high-norm tokens (SPEC sec. 7)", "", markdown_table(norm_rows), ""]
+              *(["## Sparse columns and high-norm tokens", "", markdown_table(norm_rows), ""]
                 if res.get("norms") is not None else []),
               f"## Head-by-head r ({names[-1]}, Fig. 2a)", "",
               markdown_table(matrix_rows(res["corr_heads"], heads, "head")), "",
               "## Layer-by-layer r (Fig. 2b)", "", markdown_table(matrix_rows(res["corr_layers"], names, "block"))]
+    if res.get("attention_distance") is not None:   # docs/science.md#attention-distance
+        workdir.write_csv("distances.csv", attention_summary.rows(res["attention_distance"]))
+        tables += ["", "## Attention distance (every head: distances.csv)", "",
+                   markdown_table(distance_rows(res["attention_distance"]))]
     return out, tables
+
+
+def distance_rows(att: dict) -> list[dict[str, Any]]:
+    """Per block: the mean attention distance over all and over the central patch queries (mean over heads, min
+    and max), the prefix mass and the normalised entropy (means over heads), beside the uniform-map references."""
+    rows = []
+    for b, block in enumerate(att["blocks"]):
+        row: dict[str, Any] = {"block": block}
+        for key, name in (("distance_px", "distance_px"), ("distance_central_px", "central_px")):
+            mean, lo, hi = (float(v[0]) for v in attention_summary.head_band(att[key][b:b + 1]))
+            row.update({name: mean, f"{name}_min": lo, f"{name}_max": hi})
+        row.update(uniform_px=att["uniform"]["distance_px"][b],
+                   uniform_central_px=att["uniform"]["distance_central_px"][b],
+                   prefix_mass=float(attention_summary.head_band(att["prefix_mass"][b:b + 1])[0][0]),
+                   entropy_norm=float(attention_summary.head_band(att["entropy_norm"][b:b + 1])[0][0]))
+        rows.append(row)
+    return rows
 
 
 def cnn_outputs(workdir: Workdir, name: str, probe: Probe, res: dict) -> tuple[Figures, list[str]]:
@@ -146,6 +169,19 @@ def cnn_outputs(workdir: Workdir, name: str, probe: Probe, res: dict) -> tuple[F
     return out, ["## Layers", "", markdown_table(rows)]
 
 
+def definition_keys(summary: dict) -> list[str]:
+    """The docs/science.md definitions of the quantities this report shows (`science.report_block`)."""
+    family = summary["model"]["family"]
+    if summary["kind"] != "attention":
+        return ["preprocessing", "convnext_units" if family == "convnext" else "cnn_units", "channel_share",
+                "top_share"]
+    keys = ["preprocessing", "mu", "swin_units" if family == "swin" else "prefix_mass", "nu_density",
+            "correlations", "top_patches", "top_share"]
+    keys += ["high_norm_tokens"] if summary["statistics"].get("norms") is not None else []
+    return keys + (["attention_distance", "attention_entropy"]
+                   if summary["statistics"].get("attention_distance") is not None else [])
+
+
 def write_report(workdir: Workdir, summary: dict, figures: Figures, tables: list[str]) -> str:
     """Writes report.md; returns its text."""
     m = summary["model"]
@@ -157,6 +193,7 @@ def write_report(workdir: Workdir, summary: dict, figures: Figures, tables: list
     for stem, caption in figures:
         lines += [f"![{stem}]({stem}.png)", "", caption, ""]
     lines += tables + ["", "## Choices", ""] + [f"- {k}: {v}" for k, v in summary["choices"].items()]
+    lines += ["", *science.report_block(definition_keys(summary))]
     text = "\n".join(lines) + "\n"
     workdir.write_text("report.md", text)
     return text
@@ -183,5 +220,5 @@ def write_outputs(workdir: Workdir, summary: dict, probe: Probe, res: dict, ex: 
     workdir.write_json("results.json", summary)
     text = write_report(workdir, summary, figures, tables)
     write_report_html(workdir, f"Sparsity: {summary['name']}", text, figures,
-                      [explorer.make_explorer(explore)] if explore else [])
+                      [explorer.make_explorer(explore, res.get("attention_distance"))] if explore else [])
     return summary

@@ -1,28 +1,32 @@
-"""Statistics of attention and channel sparsity (SPEC sections 2 and 4), in streaming form.
+"""Statistics of attention and channel sparsity (docs/science.md#attention-maps and
+#sparsity-statistics), in streaming form.
 
 Device side (jnp, jit-able): the reduction of each image's maps to per-image vectors: column means mu
 (with their float32 rounding error, so the host knows them to float64 accuracy) or channel l1 scores.
-Host side (numpy, float64): every statistic of each image (`attention_image_values`,
-`channel_image_values`), then `accumulate` adds the images ONE BY ONE in dataset order (sums, and
-pooled co-moments merged with Chan et al.'s update). Nothing keeps a per-image value after its batch,
-so memory does not grow with the number of images; and since each image's contribution and the order
-of addition depend only on the image, the totals are the same for any batch size, device count or
-number of hosts, to the last bit.
+Host side (numpy, float64): every statistic of each image of a batch (`attention_image_values`,
+`channel_image_values`, vectorised over images and layers), then ordered totals (`totals_for`:
+`runtime.ordered.OrderedSums`) add them in fixed blocks of images aligned to the dataset index (sums, and
+pooled co-moments merged with Chan et al.'s update). Memory does not grow with the number of images; and
+since each image's values and the order of the additions depend only on the image indices, the totals are
+the same for any batch size, device count or number of hosts, to the last bit.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping, Sequence
+import functools
+from typing import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vitsparse_jax.experiments.ablation import units as ablation_units
+from vitsparse_jax.measures.units import count
+from vitsparse_jax.runtime.ordered import OrderedSums
 
 Array = jax.Array
 Pair = tuple[Array, Array]   # a float32 mean and its rounding error (`mean_with_error`)
 TINY = float(np.finfo(np.float32).tiny)   # mu below this (an underflowed softmax) counts as TINY in nu
+NU_TINY = float(-np.log10(np.full(8, TINY))[0])   # nu of mu <= TINY
 
 
 def check_fraction(fraction: float) -> float:
@@ -32,11 +36,12 @@ def check_fraction(fraction: float) -> float:
 
 
 def num_top(fraction: float, units: int) -> int:
-    """k = round(fraction * units), the ablation's count (SPEC sec. 3: 0.05 * 196 -> 10, 0.05 * 49 -> 2).
+    """k = round(fraction * units), the ablation's count (docs/science.md#ablation-units: 0.05 * 196 -> 10,
+    0.05 * 49 -> 2).
 
     A fraction that gives k = 0 is an error.
     """
-    k = ablation_units.count(check_fraction(fraction), units)
+    k = count(check_fraction(fraction), units)
     if k < 1:
         raise ValueError(f"top fraction {fraction} of {units} units is round({fraction * units:g}) = 0 units; "
                          "use a larger fraction")
@@ -54,7 +59,7 @@ def mean_with_error(x: Array, axis: tuple[int, ...]) -> tuple[Array, Array]:
 
 
 def attention_column_means(probs: Array) -> tuple[Array, Array]:
-    """ViT maps (B, H, N, N), rows = queries -> mu (B, N) and per-head mu_h (B, H, N) (SPEC sec. 2)."""
+    """ViT maps (B, H, N, N), rows = queries -> mu (B, N) and per-head mu_h (B, H, N) (science.md#attention-maps)."""
     mu_h = jnp.mean(probs, axis=2)
     return jnp.mean(mu_h, axis=1), mu_h
 
@@ -67,8 +72,8 @@ def attention_column_means_split(probs: Array) -> tuple[Pair, Pair]:
 def window_column_means(probs: Array, token_index: np.ndarray) -> tuple[Array, Array]:
     """Swin window maps (B, nW, heads, T, T) -> mu (B, HW), mu_h (B, heads, HW) over the block's input tokens.
 
-    mu of token j = mean over heads and over the query rows of the window that holds j (SPEC sec. 3,
-    Swin); `token_index` (nW, T) is the raster index of each window column (shift undone), from
+    mu of token j = mean over heads and over the query rows of the window that holds j
+    (docs/science.md#swin-units); `token_index` (nW, T) is the raster index of each window column (shift undone), from
     `models.swin.window_token_index`. Each window's columns sum to 1, so sum_j mu_j = nW.
     """
     (mu, _), (mu_h, _) = window_column_means_split(probs, token_index)
@@ -91,7 +96,7 @@ def window_column_means_split(probs: Array, token_index: np.ndarray) -> tuple[Pa
 
 
 def channel_l1(act: Array) -> Array:
-    """Post-ReLU map (B, H, W, C) -> per-channel l1 score (B, C) = sum over positions of |a| (SPEC sec. 3)."""
+    """Post-ReLU map (B, H, W, C) -> per-channel l1 score (B, C) = sum over positions of |a| (science.md#cnn-units)."""
     return jnp.sum(jnp.abs(act.astype(jnp.float32)), axis=(1, 2))
 
 
@@ -101,8 +106,9 @@ def active_fraction(act: Array) -> Array:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Host side, per image (numpy, float64): each function maps a batch's per-image inputs (leading axis B)
-# to per-image values; nothing here mixes two images.
+# Host side, per image (numpy, float64): each function maps a batch's per-image inputs (leading axis B, units
+# on the last axis, any axes between) to per-image values, vectorised over images and layers; nothing here
+# mixes two images, so each image's values are the same whatever batch it came in.
 
 def shares(scores: np.ndarray) -> np.ndarray:
     """Scores (B, U) -> each unit's share of the image's total (rows sum to 1; all-zero rows stay 0)."""
@@ -115,58 +121,222 @@ def nu_of(mu: np.ndarray) -> np.ndarray:
     return -np.log10(np.maximum(mu, TINY))
 
 
+def bin_index(values: np.ndarray, lo: float, hi: float, bins: int, offset: np.ndarray | int = 0,
+              negated: bool = False) -> np.ndarray:
+    """The histogram bin of each value (same shape, int32): 0 = below lo, 1..bins = the equal bins of [lo, hi),
+    bins + 1 = at or above hi; plus `offset` (e.g. layer l's bins start at l * (bins + 2)). The totals count
+    them (`OrderedSums(..., bins=...)`). negated: the bins of -values (the same bits as negating first)."""
+    scale = bins / (hi - lo)
+    if negated:   # (-v - lo) * s == (v + lo) * -s exactly
+        pos = np.multiply(np.add(values, lo) if lo else values, -scale)
+    else:
+        pos = np.multiply(np.subtract(values, lo) if lo else values, scale)
+    np.floor(pos, out=pos)
+    np.clip(pos, -1, bins, out=pos)
+    pos += np.asarray(offset, np.float64) + 1.0
+    return pos.astype(np.int32)
+
+
 def histogram(values: np.ndarray, lo: float, hi: float, bins: int) -> np.ndarray:
-    """Per-image counts (B, bins + 2) int64 of values (B, U): [below lo, bins equal bins of [lo, hi), at or
-    above hi]."""
-    pos = np.floor((values - lo) * (bins / (hi - lo)))
-    idx = np.clip(pos, -1, bins).astype(np.int64) + 1
-    counts = np.zeros((values.shape[0], bins + 2), np.int64)
-    np.add.at(counts, (np.arange(values.shape[0])[:, None], idx), 1)
-    return counts
+    """Counts (..., bins + 2) int64 of values (..., U) in the bins of `bin_index`."""
+    rows = np.arange(values.size // max(values.shape[-1], 1)).reshape(values.shape[:-1] + (1,)) * (bins + 2)
+    counts = np.bincount(bin_index(values, lo, hi, bins, rows).reshape(-1), minlength=rows.size * (bins + 2))
+    return counts.reshape(values.shape[:-1] + (bins + 2,)).astype(np.int64)
 
 
-def image_moments(x: np.ndarray, weights: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Per-image moments of K variables observed on U units: x (B, U, K), weights (B, U) of 0/1 (None = all).
+@dataclasses.dataclass(frozen=True)
+class Ranked:
+    """The rows (..., U) of an array sorted ascending along the last axis (ties in any order): `values` sorted,
+    and `flat`, the index of each in the flattened array (`x.reshape(-1)[flat] == values`)."""
 
-    Returns n (B,), mean (B, K) and the centred co-moment cm (B, K, K) = sum_u (x - mean)(x - mean)^T, in
-    float64 (two passes, so nearly constant values keep their spread). `accumulate` pools images with
-    Chan et al.'s update into one Pearson r over all (image, unit) pairs.
-    """
-    x = np.asarray(x, np.float64)
-    w = np.ones(x.shape[:2]) if weights is None else np.asarray(weights, np.float64)
-    n = w.sum(axis=1)
-    mean = np.einsum("buk,bu->bk", x, w) / np.maximum(n, 1.0)[:, None]
-    xc = (x - mean[:, None, :]) * w[..., None]          # w is 0 or 1, so w^2 = w
-    return {"n": n, "mean": mean, "cm": np.einsum("buk,bul->bkl", xc, xc)}
+    values: np.ndarray
+    flat: np.ndarray | None                 # None: sorted values only (`ranks` unavailable)
+    maybe_tied: np.ndarray | None = None   # bool (...): rows that may hold equal values (None: not known)
+
+    @classmethod
+    def of(cls, x: np.ndarray) -> Ranked:
+        """Sorts the rows of `x` (float). Fast path: one integer sort of (float32 bits of x, column) keys, then
+        a check that the rows came out sorted; rows that did not (float64 values equal in float32, NaNs) are
+        sorted again with argsort."""
+        x = np.ascontiguousarray(x)
+        u = x.shape[-1]
+        if not np.issubdtype(x.dtype, np.floating) or x.dtype.itemsize > 8 or u < 2 or x.size >= 2 ** 32:
+            flat = np.argsort(x, axis=-1).reshape(-1)
+            flat += _row_starts(x.shape)
+            return cls(x.reshape(-1)[flat].reshape(x.shape), flat)
+        bits = (x if x.dtype == np.float32 else x.astype(np.float32)).view(np.int32)
+        if bits.min() < 0:                                       # negative floats: reverse their bit order
+            bits = np.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+        keys = bits.astype(np.int64)
+        keys <<= 32
+        keys |= _flat_index(x.shape)                             # ties in float32: by column
+        keys.sort(axis=-1)
+        flat = (keys & 0xFFFFFFFF).reshape(-1)                   # the flat index of each sorted value
+        values = x.reshape(-1)[flat].reshape(x.shape)
+        maybe_tied = ~(values[..., 1:] > values[..., :-1]).all(axis=-1)   # not strictly increasing
+        if maybe_tied.any():
+            rows = np.flatnonzero(maybe_tied.reshape(-1))
+            x2, flat2, values2 = x.reshape(-1, u), flat.reshape(-1, u), values.reshape(-1, u)
+            rows = rows[~(values2[rows, 1:] >= values2[rows, :-1]).all(axis=-1)]   # out of order (or NaN)
+            order = np.argsort(x2[rows], axis=-1)
+            flat2[rows] = order + (rows * u)[:, None]
+            values2[rows] = np.take_along_axis(x2[rows], order, axis=-1)
+        return cls(values, flat, maybe_tied)
+
+    def ranks(self, centre: float = 0.0) -> np.ndarray:
+        """Average ranks (1..U) in the original places, minus `centre`: ties share their average rank (as
+        scipy.stats.rankdata; NaNs, unequal to everything, each get their own)."""
+        xs, u = self.values, self.values.shape[-1]
+        tied_rows = self.maybe_tied
+        if tied_rows is None:
+            tied_rows = ~(xs[..., 1:] != xs[..., :-1]).all(axis=-1)
+        sorted_ranks = _positions(xs.shape, centre)                 # 1..U - centre on every row (read-only)
+        if tied_rows.any():   # rows with ties: each tie group gets the mean of its positions
+            tied = xs[tied_rows]
+            first = np.ones(tied.shape, bool)
+            first[:, 1:] = tied[:, 1:] != tied[:, :-1]
+            last = np.ones(tied.shape, bool)
+            last[:, :-1] = first[:, 1:]
+            at = np.arange(u)
+            start = np.maximum.accumulate(np.where(first, at, 0), axis=-1)
+            end = np.minimum.accumulate(np.where(last, at + 1, u)[:, ::-1], axis=-1)[:, ::-1]
+            sorted_ranks = sorted_ranks.reshape(xs.shape).copy()
+            sorted_ranks[tied_rows] = (start + end + 1) / 2.0 - centre
+        ranks = np.empty(xs.shape, np.float64)
+        ranks.reshape(-1)[self.flat] = sorted_ranks.reshape(-1)
+        return ranks
+
+    def median(self) -> np.ndarray:
+        """np.median along the last axis (NaN where a row holds a NaN)."""
+        xs, u = self.values, self.values.shape[-1]
+        half = xs[..., u // 2].astype(np.float64)
+        mid = half if u % 2 else (xs[..., u // 2 - 1].astype(np.float64) + half) / 2   # in float64
+        return np.where(np.isnan(xs[..., -1]), np.nan, mid)   # NaNs sort last
+
+    def top(self, x: np.ndarray, k: int) -> np.ndarray:
+        """Bool (..., U): the k largest values of each row of `x` (the array sorted here), ties to the lower
+        index (as a stable argsort of -x)."""
+        return top_mask_of_sorted(x, self.values, k)
 
 
-def nu_moments(mu: np.ndarray) -> dict[str, np.ndarray]:
-    """`image_moments` of nu over the positive mu (B, U) of each image (mean and spread of nu), and the
-    number of zero mu (left out: their nu is infinite)."""
-    pos = mu > 0
-    nu = -np.log10(np.where(pos, mu, 1.0))
-    return {**image_moments(nu[..., None], pos), "zeros": (~pos).sum(axis=1).astype(np.float64)}
+@functools.lru_cache(maxsize=16)
+def _row_starts(shape: tuple[int, ...]) -> np.ndarray:
+    """Flat index of the first element of each row (last axis) of a C-contiguous array, repeated along the row."""
+    u = shape[-1]
+    starts = np.repeat(np.arange(int(np.prod(shape[:-1], dtype=np.int64))) * u, u)
+    starts.flags.writeable = False
+    return starts
 
 
-def top_k_indicator(scores: np.ndarray, k: int) -> np.ndarray:
-    """(B, U) int64: 1 where a unit is among the k largest scores of its image (ties to the lower index)."""
-    top = np.argsort(-scores, axis=-1, kind="stable")[:, :k]
-    out = np.zeros(scores.shape, np.int64)
-    np.put_along_axis(out, top, 1, axis=-1)
+@functools.lru_cache(maxsize=16)
+def _flat_index(shape: tuple[int, ...]) -> np.ndarray:
+    """0, 1, ... (the flat index of each element of an array of `shape`), int64 of that shape, read-only."""
+    index = np.arange(int(np.prod(shape, dtype=np.int64)), dtype=np.int64).reshape(shape)
+    index.flags.writeable = False
+    return index
+
+
+@functools.lru_cache(maxsize=16)
+def _positions(shape: tuple[int, ...], centre: float) -> np.ndarray:
+    """1..U - centre on every row of an array of `shape`, flat and read-only."""
+    out = np.tile(np.arange(1, shape[-1] + 1, dtype=np.float64) - centre, int(np.prod(shape[:-1], dtype=np.int64)))
+    out.flags.writeable = False
     return out
 
 
+def top_mask_of_sorted(x: np.ndarray, xs: np.ndarray, k: int) -> np.ndarray:
+    """Bool (..., U): the k largest values of each row of `x` (`xs`: its rows sorted), ties to the lower index
+    (as a stable argsort of -x)."""
+    kth = xs[..., -k, None]                                      # the k-th largest value
+    top = x >= kth
+    extra = np.count_nonzero(top, axis=-1) != k                  # rows with ties at the k-th value
+    if extra.any():
+        row_x, row_kth = x[extra], kth[extra]
+        tied = row_x == row_kth
+        need = k - (row_x > row_kth).sum(axis=-1, keepdims=True)
+        top[extra] = (row_x > row_kth) | (tied & (np.cumsum(tied, axis=-1) <= need))
+    return top
+
+
+def average_ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks (1..U) along the last axis, ties sharing their average rank (as scipy.stats.rankdata)."""
+    return Ranked.of(x).ranks()
+
+
+def top_k_indicator(scores: np.ndarray, k: int) -> np.ndarray:
+    """(..., U) int64: 1 where a unit is among the k largest scores of its image (ties to the lower index)."""
+    return top_mask_of_sorted(scores, np.sort(scores, axis=-1), k).astype(np.int64)
+
+
+def top_shares_of_sorted(xs: np.ndarray, ks: Sequence[int], total: np.ndarray | None = None
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """`top_shares` from rows sorted ascending (`total`: their sums, if known)."""
+    total = xs.sum(axis=-1) if total is None else total
+    ok = total > 0
+    top = np.stack([xs[..., xs.shape[-1] - k:].sum(axis=-1) for k in ks], axis=-1)
+    return np.where(ok[..., None], top / np.where(ok, total, 1.0)[..., None], 0.0), ok.astype(np.float64)
+
+
 def top_shares(scores: np.ndarray, ks: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-    """Per image, the share of its total score held by its top-k units for each k: ((B, len(ks)), ok (B,)).
+    """Per image, the share of its total score held by its top-k units for each k: ((..., len(ks)), ok (...)).
 
     Images whose scores are all zero (a dead layer) have no share: ok = 0 and share 0.
     """
-    ordered = -np.sort(-scores, axis=-1)
-    csum = np.cumsum(ordered, axis=-1)
-    total = csum[:, -1]
-    ok = total > 0
-    share = csum[:, np.asarray(ks) - 1] / np.where(ok, total, 1.0)[:, None]
-    return np.where(ok[:, None], share, 0.0), ok.astype(np.float64)
+    return top_shares_of_sorted(np.sort(scores, axis=-1), ks)
+
+
+def moments(x: np.ndarray, weights: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Per-image moments of K variables observed on U units: x (..., K, U), weights (..., U) of 0/1 (None =
+    all). Returns n (...), mean (..., K) and the centred co-moment cm (..., K, K) = sum_u (x - mean)(x -
+    mean)^T, in float64 (two passes, so nearly constant values keep their spread). The totals pool images
+    with Chan et al.'s update into one Pearson r over all (image, unit) pairs."""
+    x = np.asarray(x, np.float64)
+    if weights is None:
+        n = np.full(x.shape[:-2], float(x.shape[-1]))
+        mean = x.sum(axis=-1) / max(x.shape[-1], 1)
+        xc = x - mean[..., None]
+    else:
+        w = np.asarray(weights, np.float64)[..., None, :]
+        n = w[..., 0, :].sum(axis=-1)
+        mean = (x * w).sum(axis=-1) / np.maximum(n, 1.0)[..., None]
+        xc = (x - mean[..., None]) * w                          # w is 0 or 1, so w^2 = w
+    xt = np.ascontiguousarray(np.swapaxes(xc, -1, -2))          # (..., U, K): faster products than a strided view
+    return {"n": n, "mean": mean, "cm": np.matmul(xc, xt)}
+
+
+def image_moments(x: np.ndarray, weights: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """`moments` of x (B, U, K) (units before variables), weights (B, U)."""
+    return moments(np.swapaxes(np.asarray(x, np.float64), -1, -2), weights)
+
+
+def nu_moments(mu: np.ndarray) -> dict[str, np.ndarray]:
+    """Moments of nu over the positive mu (..., U) of each image (n (...), mean (..., 1), cm (..., 1, 1)) and
+    the number of zero mu (left out: their nu is infinite)."""
+    return nu_values(mu)[0]
+
+
+def nu_values(mu: np.ndarray, smallest: np.ndarray | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """(`nu_moments` of mu (..., U), log10 of mu floored at TINY = -`nu_of(mu)`), from one logarithm, the
+    same bits as computing nu first. smallest: each row's smallest mu, when known (no mask is needed when no
+    mu is 0, NaN or below TINY)."""
+    u = mu.shape[-1]
+    if smallest is not None and bool((smallest >= TINY).all()):   # every mu > 0 (NaN compares False)
+        lg = np.log10(mu)
+        n = np.full(mu.shape[:-1], float(u))
+        mean = lg.sum(axis=-1) / max(u, 1)                      # of log10(mu) = -nu: the same sums, negated
+        xc = np.subtract(lg, mean[..., None])
+        floored = lg
+    else:
+        pos = mu > 0
+        lg = np.log10(np.where(pos, mu, 1.0))                   # 0 where mu = 0: adds nothing below
+        n = np.count_nonzero(pos, axis=-1).astype(np.float64)
+        mean = lg.sum(axis=-1) / np.maximum(n, 1.0)
+        xc = np.subtract(lg, mean[..., None])
+        xc *= pos
+        floored = np.where(mu >= TINY, lg, -NU_TINY)            # nu_of floors mu at TINY
+    moments_ = {"n": n, "mean": np.negative(mean)[..., None],
+                "cm": np.einsum("...i,...i->...", xc, xc)[..., None, None], "zeros": u - n}
+    return moments_, floored
 
 
 def region_matrix(grid: tuple[int, int], target: tuple[int, int]) -> np.ndarray:
@@ -182,58 +352,53 @@ def region_matrix(grid: tuple[int, int], target: tuple[int, int]) -> np.ndarray:
     return m
 
 
-def stack_moments(groups: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Per-image moments of G independent groups (same K) -> one group with a group axis after B."""
-    return {k: np.stack([g[k] for g in groups], axis=1) for k in ("n", "mean", "cm")}
+def pool_to(x: np.ndarray, grid: tuple[int, int], target: tuple[int, int]) -> np.ndarray:
+    """x (..., gh*gw) on a raster grid -> (..., th*tw) summed onto a coarser grid (`region_matrix`)."""
+    (gh, gw), (th, tw) = grid, target
+    if (gh, gw) == (th, tw):
+        return x
+    if gh % th == 0 and gw % tw == 0:   # whole cells: a reshape and a sum
+        pooled = x.reshape(*x.shape[:-1], th, gh // th, tw, gw // tw).sum(axis=(-3, -1))
+        return pooled.reshape(*x.shape[:-1], th * tw)
+    return x @ region_matrix(grid, target)
 
 
 def hi_lo(pair: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
     """A device `mean_with_error` pair -> float64 values."""
     hi, lo = pair
-    return np.asarray(hi, np.float64) + np.asarray(lo, np.float64)
+    return np.add(hi, lo, dtype=np.float64)   # = float64(hi) + float64(lo), in one pass
+
+
+def layer_groups(sizes: Sequence[int]) -> list[list[int]]:
+    """Layers with the same number of units, in first-seen order (each group is computed as one array)."""
+    groups: dict[int, list[int]] = {}
+    for layer, size in enumerate(sizes):
+        groups.setdefault(size, []).append(layer)
+    return list(groups.values())
+
+
+def by_layer(parts: Sequence[Mapping[str, np.ndarray]], groups: Sequence[Sequence[int]]) -> dict[str, np.ndarray]:
+    """Per-group values (B, G, ...) -> per-layer values (B, layers, ...), in layer order."""
+    if len(parts) == 1:
+        return dict(parts[0])
+    where = np.argsort(np.concatenate([np.asarray(g) for g in groups]))
+    return {k: np.concatenate([p[k] for p in parts], axis=1)[:, where] for k in parts[0]}
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Host side: adding images into totals, and totals -> results
+# Totals -> results (the totals: `vitsparse_jax.runtime.ordered.OrderedSums` over the per-image values)
 
-MOMENT_PARTS = ("n", "mean", "cm")
-
-
-def _moment_groups(values: Mapping[str, np.ndarray]) -> list[str]:
-    return [k[:-3] for k in values if k.endswith("_cm")]
+BLOCK = 64   # images per ordered block of the totals
 
 
-def empty_totals(values: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Zero totals for per-image values of these shapes (leading axis = images)."""
-    return {k: np.zeros(np.shape(v)[1:], np.int64 if np.issubdtype(np.asarray(v).dtype, np.integer) else np.float64)
-            for k, v in values.items()}
-
-
-def accumulate(acc: dict[str, np.ndarray], values: Mapping[str, np.ndarray], valid: np.ndarray
-               ) -> dict[str, np.ndarray]:
-    """Adds the images of one batch whose `valid` flag is set into the totals `acc`, in place, one image at a
-    time in batch order (= dataset order): the totals do not depend on how images were split into batches.
-
-    Plain keys are summed (float64, int64 for counts). A moment group stored as `<g>_n`, `<g>_mean`,
-    `<g>_cm` (from `image_moments`, any group axes after B) is merged with Chan et al.'s pairwise update.
-    """
-    values = {k: np.asarray(v) for k, v in values.items()}
-    groups = _moment_groups(values)
-    in_group = {f"{g}_{part}" for g in groups for part in MOMENT_PARTS}
-    plain = [k for k in values if k not in in_group]
-    for i in np.flatnonzero(np.asarray(valid)):
-        for key in plain:
-            acc[key] = acc[key] + values[key][i]
-        for g in groups:
-            na, nb = acc[f"{g}_n"], values[f"{g}_n"][i]
-            n = na + nb
-            f = np.where(n > 0, nb / np.where(n > 0, n, 1.0), 0.0)
-            delta = values[f"{g}_mean"][i] - acc[f"{g}_mean"]
-            outer = delta[..., :, None] * delta[..., None, :]
-            acc[f"{g}_cm"] = acc[f"{g}_cm"] + values[f"{g}_cm"][i] + outer * (na * f)[..., None, None]
-            acc[f"{g}_mean"] = acc[f"{g}_mean"] + delta * f[..., None]
-            acc[f"{g}_n"] = n
-    return acc
+def totals_for(values: Mapping[str, np.ndarray], images: int, lay: AttentionLayout | ChannelLayout,
+               prefix: str = "stats__") -> OrderedSums:
+    """Ordered totals over `images` images for per-image values shaped like `values` (`*_image_values` of any
+    batch): the nu histograms' bin indices are counted (layer l's bins at l * (bins + 2) ...), the rest
+    summed, moment groups merged."""
+    layers = len(lay.grids) if isinstance(lay, AttentionLayout) else len(lay.channels)
+    return OrderedSums.like(values, images, block=BLOCK, prefix=prefix,
+                            bins={"nu_hist": layers * (lay.nu_range[2] + 2)})
 
 
 def pearson(n: float, cm: np.ndarray) -> np.ndarray:
@@ -280,8 +445,8 @@ class AttentionLayout:
     top_head: int | None                 # Fig. 3b ranks this head's mu_h (published quirk); None = mu
     top_fractions: tuple[float, ...]     # share of the patch mass held by the top p columns
     prefix_kinds: tuple[str, ...] = ()   # kind of each prefix column ('cls', 'dist', 'reg'); () = unnamed
-    norm_factor: float | None = None     # SPEC sec. 7: token norms measured (ViTs); high-norm = > factor x median
-    norm_top_fraction: float = 0.05      # SPEC sec. 7: the top-5% mu columns compared with high-norm tokens
+    norm_factor: float | None = None     # high-norm-tokens: token norms measured (ViTs); high-norm = > factor x median
+    norm_top_fraction: float = 0.05      # high-norm-tokens: the top-5% mu columns compared with high-norm tokens
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -296,107 +461,189 @@ class AttentionLayout:
         return tuple(num_top(p, self.patches(block)) for p in self.top_fractions)
 
 
-def attention_image_values(mus: Sequence[np.ndarray], last_mu_h: np.ndarray, lay: AttentionLayout
-                           ) -> dict[str, np.ndarray]:
-    """Every attention statistic of each image of a batch, float64 (leading axis B), for `accumulate`.
+def _blocks(mus: Sequence[np.ndarray] | np.ndarray, layers: Sequence[int]) -> np.ndarray:
+    """mu (B, G, N) of these blocks, from a list of per-block mu (B, N) or a stacked (B, blocks, N)."""
+    if isinstance(mus, np.ndarray) and mus.ndim == 3:
+        return mus if list(layers) == list(range(mus.shape[1])) else mus[:, layers]
+    return np.stack([mus[l] for l in layers], axis=1)
 
-    mus: per block mu (B, prefix + patches); last_mu_h: the last block's mu_h (B, heads, prefix + patches),
-    both float64 (`hi_lo` of the device's `mean_with_error` pairs).
+
+PARTITION_ABOVE = 1024   # rows longer than this (Swin's first stages) are partitioned, not sorted, when no ranks
+                         # are needed: the statistics read only a few order statistics
+
+
+def _ranked_patches(mus: Sequence[np.ndarray] | np.ndarray, prefix: int, groups: Sequence[Sequence[int]],
+                    order: bool = True, needed: Callable[[int], Sequence[int]] | None = None
+                    ) -> list[tuple[np.ndarray, np.ndarray, Ranked]]:
+    """Per group of blocks with the same columns: mu (B, G, N), its patch columns (contiguous), their ranking.
+
+    order=False: the sorted values only, no ranks; for long rows only partitioned, so that the positions
+    `needed(columns)` (and the first and last) hold the values sorting would put there, each position's larger
+    values after it (enough for the top-k sums, the k-th largest value, the smallest and NaN checks).
     """
-    p, (lo, hi, bins) = lay.prefix, lay.nu_range
-    b = mus[0].shape[0]
-    per_block: dict[str, list[np.ndarray]] = {k: [] for k in ("prefix_mu", "patch_mu", "nu_hist", "mu_zeros",
-                                                             "top_share", "share_images")}
-    nu_groups, pooled = [], []
-    for l, mu in enumerate(mus):
-        patch = mu[:, p:]
-        nu = nu_moments(patch)
-        nu_groups.append(nu)
-        share, ok = top_shares(patch, lay.share_ks(l))
-        for key, value in (("prefix_mu", mu[:, :p].sum(axis=1)), ("patch_mu", patch.sum(axis=1)),
-                           ("nu_hist", histogram(nu_of(patch), lo, hi, bins)), ("mu_zeros", nu["zeros"]),
-                           ("top_share", share), ("share_images", ok)):
-            per_block[key].append(value)
-        pooled.append(patch @ region_matrix(lay.grids[l], lay.corr_grid))
-    out = {"images": np.ones(b), **{k: np.stack(v, axis=1) for k, v in per_block.items()}}
-    out.update({f"nu_{k}": v for k, v in stack_moments(nu_groups).items()})
-    out.update({f"layers_{k}": v for k, v in image_moments(np.stack(pooled, axis=-1)).items()})
-    out.update({f"heads_{k}": v for k, v in image_moments(last_mu_h[:, :, p:].transpose(0, 2, 1)).items()})
-    scores = mus[-1][:, p:] if lay.top_head is None else last_mu_h[:, lay.top_head, p:]
-    out["top_counts"] = top_k_indicator(scores, lay.top_k)
-    kinds = lay.prefix_kinds or ("prefix",) * p
-    columns = [[i for i, k in enumerate(kinds) if k == kind] for kind in lay.kinds]
-    out["prefix_mu_by_kind"] = np.stack([np.stack([mu[:, cols].sum(axis=1) for cols in columns], axis=-1)
-                                         if columns else np.zeros((b, 0)) for mu in mus], axis=1)   # (B, L, kinds)
+    out = []
+    for layers in groups:
+        mu = _blocks(mus, layers)
+        patch = np.ascontiguousarray(mu[..., prefix:])
+        u = patch.shape[-1]
+        if order:
+            rank = Ranked.of(patch)
+        elif u > PARTITION_ABOVE and needed is not None:
+            rank = Ranked(np.partition(patch, sorted({0, u - 1, *needed(u)}), axis=-1), None)
+        else:
+            rank = Ranked(np.sort(patch, axis=-1), None)
+        out.append((mu, patch, rank))
     return out
 
 
-def average_ranks(x: np.ndarray) -> np.ndarray:
-    """Ranks (1..U) along the last axis, ties sharing their average rank (as scipy.stats.rankdata)."""
-    order = np.argsort(x, axis=-1, kind="stable")
-    xs = np.take_along_axis(x, order, axis=-1)
-    ranks = np.empty_like(x, dtype=np.float64)
-    for row in np.ndindex(x.shape[:-1]):
-        v = xs[row]
-        starts = np.flatnonzero(np.r_[True, v[1:] != v[:-1]])          # first position of each tie group
-        ends = np.r_[starts[1:], v.size]
-        avg = (starts + ends + 1) / 2.0                                   # mean of the 1-based positions
-        ranks[row + (order[row],)] = np.repeat(avg, ends - starts)
-    return ranks
+@functools.lru_cache(maxsize=64)
+def _order_statistics(lay: AttentionLayout) -> dict[int, tuple[int, ...]]:
+    """Patch count -> the sorted positions the statistics read: U - k for every top share's k, and for the last
+    block's top-k count."""
+    last = len(lay.grids) - 1
+    return {lay.patches(l): tuple(lay.patches(l) - k for k in (*lay.share_ks(l), *((lay.top_k,) if l == last else ())))
+            for l in range(len(lay.grids))}
+
+
+def _column_counts(mus: Sequence[np.ndarray] | np.ndarray) -> list[int]:
+    if isinstance(mus, np.ndarray) and mus.ndim == 3:
+        return [mus.shape[2]] * mus.shape[1]
+    return [m.shape[-1] for m in mus]
+
+
+def attention_image_values(mus: Sequence[np.ndarray] | np.ndarray, last_mu_h: np.ndarray, lay: AttentionLayout,
+                           norms: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Every attention statistic of each image of a batch (leading axis B), for the totals (`totals_for`).
+
+    mus: per block mu (B, prefix + patches), or all blocks stacked (B, blocks, N); last_mu_h: the last block's
+    mu_h (B, heads, prefix + patches), both float64 (`hi_lo` of the device's `mean_with_error` pairs); norms:
+    the token norms of `norm_image_values` (their values are added), or None.
+    """
+    p, (lo, hi, bins) = lay.prefix, lay.nu_range
+    b = last_mu_h.shape[0]
+    groups = layer_groups(_column_counts(mus))
+    needed = _order_statistics(lay)
+    ranked = _ranked_patches(mus, p, groups, order=norms is not None,   # ranks: for the token norms only
+                             needed=lambda u: needed.get(u, ()))
+    kinds = lay.prefix_kinds or ("prefix",) * p
+    columns = [[i for i, k in enumerate(kinds) if k == kind] for kind in lay.kinds]
+    parts, hist, pooled = [], [], []
+    for layers, (mu, patch, rank) in zip(groups, ranked):
+        smallest = np.where(np.isnan(rank.values[..., -1]), np.nan, rank.values[..., 0])   # NaNs sort last
+        moments_, log_mu = nu_values(patch, smallest)
+        patch_mu = patch.sum(axis=-1)
+        share, ok = top_shares_of_sorted(rank.values, lay.share_ks(layers[0]), patch_mu)
+        by_kind = (np.stack([mu[..., cols].sum(axis=-1) for cols in columns], axis=-1) if columns
+                   else np.zeros((b, len(layers), 0)))
+        parts.append({"prefix_mu": mu[..., :p].sum(axis=-1), "patch_mu": patch_mu,
+                      "mu_zeros": moments_.pop("zeros"), "top_share": share, "share_images": ok,
+                      "prefix_mu_by_kind": by_kind, **{f"nu_{k}": v for k, v in moments_.items()}})
+        offset = (np.asarray(layers) * (bins + 2.0))[:, None]          # layer l counts in its own bins
+        hist.append(bin_index(log_mu, lo, hi, bins, offset, negated=True).reshape(b, -1))   # bins of nu
+        pooled.append({"x": pool_to(patch, lay.grids[layers[0]], lay.corr_grid)})
+    out = {"images": np.ones(b, np.int64), **by_layer(parts, groups),
+           "nu_hist": hist[0] if len(hist) == 1 else np.concatenate(hist, axis=1)}
+    out.update({f"layers_{k}": v for k, v in moments(by_layer(pooled, groups)["x"]).items()})   # (B, L, cells)
+    out.update({f"heads_{k}": v for k, v in moments(last_mu_h[:, :, p:]).items()})            # (B, heads, P)
+    last = sum(map(len, groups)) - 1                                               # the last block
+    g, j = next((g, layers.index(last)) for g, layers in enumerate(groups) if last in layers)
+    if lay.top_head is None:
+        _, last_patch, last_rank = ranked[g]
+        out["top_counts"] = top_mask_of_sorted(last_patch[:, j], last_rank.values[:, j], lay.top_k).astype(np.int64)
+    else:
+        out["top_counts"] = top_k_indicator(last_mu_h[:, lay.top_head, p:], lay.top_k)
+    if norms is not None:
+        out.update(_norm_values(ranked, groups, norms, lay))
+    return out
+
+
+def _norm_values(ranked: Sequence[tuple[np.ndarray, np.ndarray, Ranked]], groups: Sequence[Sequence[int]],
+                 norms: np.ndarray, lay: AttentionLayout) -> dict[str, np.ndarray]:
+    """`norm_image_values` from the ranked patch columns of `_ranked_patches`."""
+    p, factor = lay.prefix, float(lay.norm_factor)
+    norms = np.asarray(norms)
+    if norms.dtype != np.float32:
+        norms = norms.astype(np.float64)
+    blocks = norms.shape[1] - 1
+    inputs = np.ascontiguousarray(norms[:, :blocks, p:])            # (B, L, P): block l's input; float32 as measured
+    rank = Ranked.of(inputs)                                         # ranked (Spearman r with mu)
+    last = np.sort(norms[:, blocks, p:], axis=-1)                    # the last output: only its median is needed
+    median = np.concatenate([rank.median(), Ranked(last, None).median()[:, None]], axis=1)   # (B, L+1) float64
+    high = norms[..., p:] > factor * median[..., None]               # high-norm tokens of each norm capture
+    u = inputs.shape[-1]
+    centre = (u + 1) / 2.0                                           # the mean of the ranks 1..U
+    norm_ranks = rank.ranks(centre)
+    parts = []
+    for layers, (_, patch, mu_rank) in zip(groups, ranked):
+        if patch.shape[-1] != u:
+            raise ValueError(f"token norms of {u} patch tokens do not fit blocks of {patch.shape[-1]} patch columns")
+        top = mu_rank.top(patch, num_top(lay.norm_top_fraction, u))
+        ra, rb = mu_rank.ranks(centre), _layers(norm_ranks, layers)
+        den = np.sqrt(np.einsum("...i,...i->...", ra, ra) * np.einsum("...i,...i->...", rb, rb))
+        ok = den > 0                                                 # a constant row: no Spearman r
+        rho = np.einsum("...i,...i->...", ra, rb)
+        top_high = np.count_nonzero(top & _layers(high, layers), axis=-1)
+        parts.append({"norm_overlap": top_high / np.count_nonzero(top, axis=-1),
+                      "norm_spearman": np.where(ok, rho / np.where(ok, den, 1.0), 0.0),
+                      "norm_spearman_images": ok.astype(np.float64)})
+    return {"norm_high_share": np.count_nonzero(high, axis=-1) / u,  # (B, L+1): embed, block outputs
+            "norm_patch_median": median,
+            "norm_prefix": norms[:, :, :p].astype(np.float64),      # (B, L+1, prefix)
+            **by_layer(parts, groups)}
+
+
+def _layers(x: np.ndarray, layers: Sequence[int]) -> np.ndarray:
+    """x[:, layers], a view when the layers are consecutive."""
+    first = layers[0]
+    if list(layers) == list(range(first, first + len(layers))):
+        return x[:, first:first + len(layers)]
+    return x[:, layers]
 
 
 def spearman_rows(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Spearman r between a and b (B, U) per row, and ok (B,): 0 where a row is constant (r undefined)."""
-    ra, rb = average_ranks(a), average_ranks(b)
-    ra, rb = ra - ra.mean(-1, keepdims=True), rb - rb.mean(-1, keepdims=True)
+    """Spearman r between a and b (..., U) per row, and ok (...): 0 where a row is constant (r undefined)."""
+    centre = (a.shape[-1] + 1) / 2.0
+    ra, rb = Ranked.of(a).ranks(centre), Ranked.of(b).ranks(centre)
     den = np.sqrt((ra * ra).sum(-1) * (rb * rb).sum(-1))
     ok = den > 0
     return np.where(ok, (ra * rb).sum(-1) / np.where(ok, den, 1.0), 0.0), ok.astype(np.float64)
 
 
 def high_norm(norms: np.ndarray, prefix: int, factor: float) -> np.ndarray:
-    """SPEC sec. 7: the patch tokens (B, patches) whose norm exceeds `factor` x the median patch-token norm of
-    their image (norms (B, prefix + patches) of one block)."""
-    patch = norms[:, prefix:]
-    return patch > factor * np.median(patch, axis=-1, keepdims=True)
+    """The patch tokens (B, patches) whose norm exceeds `factor` x the median patch-token norm of their image
+    (norms (B, prefix + patches) of one block; docs/science.md#high-norm-tokens)."""
+    patch = norms[..., prefix:]
+    return patch > factor * Ranked.of(patch).median()[..., None]
 
 
-def norm_image_values(mus: Sequence[np.ndarray], norms: np.ndarray, lay: AttentionLayout) -> dict[str, np.ndarray]:
-    """SPEC sec. 7, per image (leading axis B), for `accumulate`: sparse columns against high-norm tokens.
+def norm_image_values(mus: Sequence[np.ndarray] | np.ndarray, norms: np.ndarray, lay: AttentionLayout
+                      ) -> dict[str, np.ndarray]:
+    """Per image (leading axis B), for the totals: sparse columns against high-norm tokens
+    (docs/science.md#high-norm-tokens).
 
-    mus: per block mu (B, N); norms (B, blocks + 1, N): token norms of the embedding (index 0, block 0's input)
-    and of every block's output (index l + 1). Block l is compared with its input, norms[:, l].
+    mus: per block mu (B, N) (or stacked, (B, blocks, N)); norms (B, blocks + 1, N): token norms of the
+    embedding (index 0, block 0's input) and of every block's output (index l + 1). Block l is compared with
+    its input, norms[:, l].
     """
-    p, factor = lay.prefix, float(lay.norm_factor)
-    high = np.stack([high_norm(norms[:, l], p, factor) for l in range(norms.shape[1])], axis=1)   # (B, L+1, P)
-    overlap, rho, ok = [], [], []
-    for l, mu in enumerate(mus):
-        patch = mu[:, p:]
-        top = top_k_indicator(patch, num_top(lay.norm_top_fraction, patch.shape[1])).astype(bool)
-        overlap.append((top & high[:, l]).sum(axis=1) / top.sum(axis=1))
-        r, good = spearman_rows(patch, norms[:, l, p:])
-        rho.append(r)
-        ok.append(good)
-    return {"norm_high_share": high.mean(axis=2),                          # (B, L+1): embed, block outputs
-            "norm_patch_median": np.median(norms[:, :, p:], axis=2),
-            "norm_prefix": norms[:, :, :p],                                # (B, L+1, prefix)
-            "norm_overlap": np.stack(overlap, axis=1), "norm_spearman": np.stack(rho, axis=1),
-            "norm_spearman_images": np.stack(ok, axis=1)}
+    groups = layer_groups(_column_counts(mus))
+    return _norm_values(_ranked_patches(mus, lay.prefix, groups), groups, norms, lay)
 
 
 def norm_results(t: Mapping[str, np.ndarray], lay: AttentionLayout) -> dict:
-    """Totals of `norm_image_values` -> per block (SPEC sec. 7). Index 0 of the (L+1,) arrays is the embedding."""
+    """Totals of `norm_image_values` -> per block (docs/science.md#high-norm-tokens). Each name says whose
+    tokens it measures: block l's input (the embedding for l = 0) or its output. Index 0 of the (L+1,) arrays
+    is the embedding, index l + 1 block l's output."""
     images = float(t["images"])
-    high = t["norm_high_share"] / images
+    high = t["norm_high_share"] / images                      # (L+1,) embedding, then each block's output
     return {
         "norm_factor": float(lay.norm_factor),
-        "high_norm_share": high,                              # (L+1,) share of high-norm patch tokens
+        "high_norm_share_input": high[:-1],                   # (L,) share of high-norm patch tokens in block l's
+        "high_norm_share_output": high[1:],                   #   input / output (the input's = the overlap's chance)
         "patch_norm_median": t["norm_patch_median"] / images,  # (L+1,) mean over images of the median norm
         "prefix_norm": t["norm_prefix"] / images,             # (L+1, prefix) mean norm of each prefix token
-        "top_overlap": t["norm_overlap"] / images,            # (L,) share of block l's top mu columns that are
-        "top_overlap_chance": high[:-1],                      #   high-norm in its input; chance = input's share
-        "spearman_mu_input_norm": t["norm_spearman"] / np.maximum(t["norm_spearman_images"], 1),   # (L,)
-        "spearman_images": t["norm_spearman_images"],
+        "top5_overlap_high_norm_input": t["norm_overlap"] / images,   # (L,) share of block l's top-5% mu
+        "spearman_mu_input_norm": t["norm_spearman"] / np.maximum(t["norm_spearman_images"], 1),   # columns that
+        "spearman_images": t["norm_spearman_images"],         # are high-norm tokens of its input; Spearman (L,)
     }
 
 
@@ -412,6 +659,7 @@ def _nu_summary(t: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def attention_results(t: Mapping[str, np.ndarray], lay: AttentionLayout) -> dict:
     """Totals of `attention_image_values` over all images -> the statistics (numpy, float64)."""
+    t = {**t, "nu_hist": np.asarray(t["nu_hist"]).reshape(len(lay.grids), -1)}   # (blocks, bins + 2)
     images = float(t["images"])
     patches = np.array([lay.patches(l) for l in range(len(lay.grids))], np.float64)
     mean_mu = t["patch_mu"] / (images * patches)
@@ -450,32 +698,32 @@ class ChannelLayout:
 
 def channel_image_values(scores: Sequence[np.ndarray], active: np.ndarray, lay: ChannelLayout
                          ) -> dict[str, np.ndarray]:
-    """Every channel statistic of each image of a batch, float64 (leading axis B), for `accumulate`.
+    """Every channel statistic of each image of a batch (leading axis B), for the totals (`totals_for`).
 
     scores[l]: per-channel l1 scores (B, C_l) of layer l (`channel_l1` on device); active (B, layers): the
     share of positive activations. A channel's share = its score / the layer's total (per image; sums to 1
     like mu), and nu = -log10(share), so the CNN histograms read like the attention ones.
     """
     lo, hi, bins = lay.nu_range
-    per_layer: dict[str, list[np.ndarray]] = {k: [] for k in ("l1", "nu_hist", "mu_zeros", "top_share", "share_images")}
-    nu_groups = []
-    for l, score in enumerate(scores):
-        score = np.asarray(score, np.float64)
-        share = shares(score)
-        nu = nu_moments(share)
-        nu_groups.append(nu)
-        top, ok = top_shares(score, lay.share_ks(l))
-        for key, value in (("l1", score.sum(axis=1)), ("nu_hist", histogram(nu_of(share), lo, hi, bins)),
-                           ("mu_zeros", nu["zeros"]), ("top_share", top), ("share_images", ok)):
-            per_layer[key].append(value)
-    out = {"images": np.ones(active.shape[0]), "active": np.asarray(active, np.float64),
-           **{k: np.stack(v, axis=1) for k, v in per_layer.items()}}
-    out.update({f"nu_{k}": v for k, v in stack_moments(nu_groups).items()})
-    return out
+    b = np.shape(active)[0]
+    groups = layer_groups([np.shape(s)[-1] for s in scores])
+    parts, hist = [], []
+    for layers in groups:   # layers with the same channel count, as one array (B, G, C)
+        score = np.stack([np.asarray(scores[l], np.float64) for l in layers], axis=1)
+        moments_, log_share = nu_values(shares(score))
+        l1 = score.sum(axis=-1)
+        top, ok = top_shares_of_sorted(np.sort(score, axis=-1), lay.share_ks(layers[0]), l1)
+        parts.append({"l1": l1, "mu_zeros": moments_.pop("zeros"), "top_share": top, "share_images": ok,
+                      **{f"nu_{k}": v for k, v in moments_.items()}})
+        offset = (np.asarray(layers) * (bins + 2.0))[:, None]
+        hist.append(bin_index(log_share, lo, hi, bins, offset, negated=True).reshape(b, -1))
+    return {"images": np.ones(b, np.int64), "active": np.asarray(active, np.float64), **by_layer(parts, groups),
+            "nu_hist": hist[0] if len(hist) == 1 else np.concatenate(hist, axis=1)}
 
 
 def channel_results(t: Mapping[str, np.ndarray], lay: ChannelLayout) -> dict:
     """Totals of `channel_image_values` -> per-layer statistics."""
+    t = {**t, "nu_hist": np.asarray(t["nu_hist"]).reshape(len(lay.channels), -1)}   # (layers, bins + 2)
     images = float(t["images"])
     channels = np.asarray(lay.channels, np.float64)
     nu = _nu_summary(t)

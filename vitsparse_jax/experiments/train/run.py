@@ -317,14 +317,15 @@ def _describe_training(config: ml_collections.ConfigDict, s: _Setup, step: int,
 
 
 def _initial_state(config: ml_collections.ConfigDict, s: _Setup, workdir: Workdir,
-                   is_writer: bool) -> tuple[TrainState, dict[str, Any]]:
-    """The last saved train state and its meta when resuming, else a fresh state at step 0."""
+                   is_writer: bool, inputs: list[dict[str, Any]]) -> tuple[TrainState, dict[str, Any]]:
+    """The last saved train state and its meta when resuming, else a fresh state at step 0; `inputs` gets the
+    weights and data fingerprints of the run's key (for the completion marker)."""
     variables = s.loaded.variables
     host_state = TrainState(step=np.zeros((), np.int32), params=variables["params"],
                             batch_stats=variables.get("batch_stats", {}), opt_state=s.tx.init(variables["params"]))
     key = _train_key(config, s)
     fingerprint = resumable.fingerprint(key)
-    input_fingerprint.record(key)
+    inputs.extend(input_fingerprint.inputs(key))
     existing = saved_states(workdir)
     if existing and config.resume:
         try:
@@ -342,11 +343,13 @@ def _initial_state(config: ml_collections.ConfigDict, s: _Setup, workdir: Workdi
     return host_state, {"fingerprint": fingerprint, "key": key, "history": [], "series": []}
 
 
-def run(config: ml_collections.ConfigDict, workdir: Workdir, *, stop_after_steps: int | None = None) -> dict:
+def run(config: ml_collections.ConfigDict, workdir: Workdir, *, stop_after_steps: int | None = None,
+        inputs: list[dict[str, Any]] | None = None) -> dict:
     """Trains config.model per config.train; returns the results (also written to the workdir).
 
     stop_after_steps: stop as if interrupted after that many steps of this call (saving the state and
     raising `resumable.Interrupted`); for tests of resuming and for time-sliced jobs.
+    inputs: a list that gets the weights and data fingerprints of the run (for the completion marker).
     """
     tc = config.train
     if tc.steps <= 0:
@@ -356,7 +359,7 @@ def run(config: ml_collections.ConfigDict, workdir: Workdir, *, stop_after_steps
     data_kwargs = {"num_workers": config.data.get("num_workers") or None,
                    "cache_dir": config.data.get("cache_dir") or None}
 
-    host_state, meta = _initial_state(config, s, workdir, is_writer)
+    host_state, meta = _initial_state(config, s, workdir, is_writer, [] if inputs is None else inputs)
     start_step = int(host_state.step)
 
     repl = parallel.replicated_sharding(s.mesh)

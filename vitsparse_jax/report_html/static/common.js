@@ -106,45 +106,98 @@ var vj = (function () {
       im.src = url;
     });
   }
-  /* Draws `values` (flat, h*w, row-major) as a heat map over `opts.image` (an HTMLImageElement, optional)
-     on `canvas`. opts: alpha (0.65), cmap ("viridis"), vmin/vmax (default: the values' range), log (false:
-     colour by log10, non-positive values transparent), mask (flat h*w, 0 = transparent cell).
-     Returns {vmin, vmax} as used. NaN cells are transparent. */
+  /* Sizes `canvas` for an (h, w) grid: whole pixels per cell, the longer side at least `minSide` px (320),
+     and at least `minCell` px per cell (10) as long as the longer side stays within `maxSide` px (720), so a
+     56x56 grid gets 10 px cells (560 px), not 5.7. The CSS size is the pixel size. Returns the cell size. */
+  function fitCanvas(canvas, h, w, opts) {
+    opts = opts || {};
+    var g = Math.max(h, w, 1), minSide = opts.minSide || 320, maxSide = opts.maxSide || 720;
+    var cell = Math.max(1, Math.ceil(minSide / g), Math.min(opts.minCell || 10, Math.floor(maxSide / g)));
+    if (canvas.width !== cell * w) canvas.width = cell * w;
+    if (canvas.height !== cell * h) canvas.height = cell * h;
+    canvas.style.width = canvas.width + "px";
+    canvas.style.height = canvas.height + "px";
+    return cell;
+  }
+  /* The colour range of a heat map: [vmin, vmax] (log10 values when opts.log) and whether every value is equal.
+     opts: vmin / vmax (default: the values' range); minDecades (log only: vmin is at most vmax - minDecades,
+     so that near-equal values are not stretched over the whole bar). A range of zero width (every value
+     equal, nothing else asked) is widened downwards: log, by one decade; linear, to 0; so the values take
+     the bar's top colour, never its bottom one. */
+  function colourRange(vals, opts) {
+    var r = range(vals), constant = r[0] === r[1];
+    var vmin = opts.vmin !== undefined ? opts.vmin : r[0], vmax = opts.vmax !== undefined ? opts.vmax : r[1];
+    if (opts.log && opts.minDecades) vmin = Math.min(vmin, vmax - opts.minDecades);
+    if (!(vmax > vmin)) {
+      if (opts.log) vmin = vmax - 1;
+      else if (vmax > 0) vmin = 0;
+      else if (vmax < 0) vmax = 0;
+      else vmax = 1;
+    }
+    return { vmin: vmin, vmax: vmax, constant: constant };
+  }
+  /* Draws `values` (flat, h*w, row-major) as a heat map on `canvas` in the colour bar's own colours.
+     opts: cmap ("viridis"); log (false: colour by log10, non-positive values not drawn); vmin / vmax /
+     minDecades (see colourRange; log: in log10 units); alpha (1: opaque cells); image (an HTMLImageElement,
+     optional: drawn washed out, at imageAlpha (0.4) over white, under the map; it shows in the cells that are
+     not drawn and, when alpha < 1, through the others); mask (flat h*w, 0 = not drawn). NaN cells are not
+     drawn. Returns {vmin, vmax, constant} as used (values, not log10; constant: every drawn value is equal). */
   function drawHeatmap(canvas, values, h, w, opts) {
     opts = opts || {};
-    var ctx = canvas.getContext("2d"), n = h * w, vals = values, i;
-    if (opts.log) {
-      vals = new Float32Array(n);
-      for (i = 0; i < n; i++) vals[i] = values[i] > 0 ? Math.log10(values[i]) : NaN;
+    var ctx = canvas.getContext("2d"), n = h * w, vals = new Float32Array(n), i;
+    for (i = 0; i < n; i++) {
+      var x = opts.mask && !opts.mask[i] ? NaN : values[i];
+      vals[i] = opts.log ? (x > 0 ? Math.log10(x) : NaN) : x;
     }
-    var r = range(vals), vmin = opts.vmin !== undefined ? opts.vmin : r[0];
-    var vmax = opts.vmax !== undefined ? opts.vmax : r[1], span = vmax > vmin ? vmax - vmin : 1;
-    var alpha = Math.round(255 * (opts.alpha !== undefined ? opts.alpha : 0.65));
+    var cr = colourRange(vals, opts), span = cr.vmax - cr.vmin;
+    var alpha = Math.round(255 * (opts.alpha !== undefined ? opts.alpha : 1));
     ctx.clearRect(0, 0, canvas.width, canvas.height);
-    ctx.imageSmoothingEnabled = true;
-    if (opts.image) ctx.drawImage(opts.image, 0, 0, canvas.width, canvas.height);
+    if (opts.image) {
+      ctx.save();
+      ctx.fillStyle = "#fff";
+      ctx.fillRect(0, 0, canvas.width, canvas.height);
+      ctx.globalAlpha = opts.imageAlpha !== undefined ? opts.imageAlpha : 0.4;
+      ctx.imageSmoothingEnabled = true;
+      ctx.drawImage(opts.image, 0, 0, canvas.width, canvas.height);
+      ctx.restore();
+    }
     var grid = document.createElement("canvas");
     grid.width = w; grid.height = h;
     var g = grid.getContext("2d"), img = g.createImageData(w, h);
     for (i = 0; i < n; i++) {
       var v = vals[i], off = 4 * i;
-      if (v !== v || (opts.mask && !opts.mask[i])) continue;
-      var c = color(opts.cmap || "viridis", (v - vmin) / span);
+      if (v !== v) continue;
+      var c = color(opts.cmap || "viridis", (v - cr.vmin) / span);
       img.data[off] = c[0]; img.data[off + 1] = c[1]; img.data[off + 2] = c[2]; img.data[off + 3] = alpha;
     }
     g.putImageData(img, 0, 0);
     ctx.imageSmoothingEnabled = false;
     ctx.drawImage(grid, 0, 0, canvas.width, canvas.height);
-    return { vmin: opts.log ? Math.pow(10, vmin) : vmin, vmax: opts.log ? Math.pow(10, vmax) : vmax };
+    return { vmin: opts.log ? Math.pow(10, cr.vmin) : cr.vmin, vmax: opts.log ? Math.pow(10, cr.vmax) : cr.vmax,
+             constant: cr.constant };
   }
-  /* Outlines cells (an array of flat indices, or a flat h*w mask of truthy cells) of an (h, w) grid. */
-  function outlineCells(canvas, cells, h, w, colour, lineWidth) {
+  /* Draws an image over the whole canvas (no smoothing for small images: their pixels stay sharp). */
+  function drawImage(canvas, image) {
+    var ctx = canvas.getContext("2d");
+    ctx.clearRect(0, 0, canvas.width, canvas.height);
+    ctx.imageSmoothingEnabled = image.naturalWidth >= canvas.width / 2;
+    ctx.drawImage(image, 0, 0, canvas.width, canvas.height);
+  }
+  /* Outlines cells (an array of flat indices, or a flat h*w mask of truthy cells) of an (h, w) grid; `halo`:
+     a darker outline under it, so that a light outline shows on light cells too. */
+  function outlineCells(canvas, cells, h, w, colour, lineWidth, halo) {
     var ctx = canvas.getContext("2d"), cw = canvas.width / w, ch = canvas.height / h, lw = lineWidth || 2;
     var idx = [];
     if (cells.length === h * w && !Array.isArray(cells)) {
       for (var i = 0; i < cells.length; i++) if (cells[i]) idx.push(i);
     } else idx = Array.prototype.slice.call(cells);
     ctx.save();
+    if (halo) {
+      ctx.strokeStyle = halo; ctx.lineWidth = lw + 2;
+      idx.forEach(function (k) {
+        ctx.strokeRect((k % w) * cw + lw / 2, Math.floor(k / w) * ch + lw / 2, cw - lw, ch - lw);
+      });
+    }
     ctx.strokeStyle = colour || "#ff2d55"; ctx.lineWidth = lw;
     idx.forEach(function (k) {
       ctx.strokeRect((k % w) * cw + lw / 2, Math.floor(k / w) * ch + lw / 2, cw - lw, ch - lw);
@@ -219,7 +272,8 @@ var vj = (function () {
 
   var api = {
     $: $, decode: decode, half: half, color: color, css: css, range: range, colorbar: colorbar, fmt: fmt,
-    loadImage: loadImage, drawHeatmap: drawHeatmap, outlineCells: outlineCells, labelCells: labelCells,
+    loadImage: loadImage, fitCanvas: fitCanvas, colourRange: colourRange, drawHeatmap: drawHeatmap,
+    drawImage: drawImage, outlineCells: outlineCells, labelCells: labelCells,
     patchAt: patchAt, options: options, onArrows: onArrows, register: register, start: start,
     maps: Object.keys(MAPS)
   };

@@ -6,14 +6,17 @@ The Flax tree mirrors timm's module tree, so every Flax path has exactly one tim
 `blocks.3.norm1.weight`, `.../ls1/gamma` <- `blocks.3.ls1.gamma`, `params/pos_embed` <- `pos_embed`,
 `params/attn_pool/latent` <- `attn_pool.latent`.
 
-Image size: when the state dict's position embedding holds another grid than the module (DINOv2's 518 px
-weights run at 224 px, a 224 px ViT run at 384 px), it is resampled here, once, exactly as timm's
-`checkpoint_filter_fn` does when a model is created at another size (`vitsparse_jax.models.pos_embed`:
-bicubic, antialias, prefix entries kept).
+Image size: `native_img_size` reads the size a state dict was saved at from its position embedding's grid
+(a DeiT fine-tuned at 160 px, DINOv2 at 224 px), so that a file is converted as it is. When the module is
+built at another size (DINOv2's 518 px weights run at 224 px, a 224 px ViT run at 384 px), the embedding is
+resampled here, once, from the file's grid, exactly as timm's `checkpoint_filter_fn` does when a model is
+created at another size (`vitsparse_jax.models.pos_embed`: bicubic, antialias, prefix entries kept).
 """
 from __future__ import annotations
 
+import math
 import re
+from typing import Mapping
 
 import flax.linen as nn
 import numpy as np
@@ -76,6 +79,17 @@ def convert_state_dict(sd: dict[str, np.ndarray], module: nn.Module) -> dict[str
                               + (f" (and {len(unexpected) - 1} more: {unexpected[1:6]})" if len(unexpected) > 1
                                  else ""))
     return out
+
+
+def native_img_size(shapes: Mapping[str, tuple[int, ...]], module: nn.Module) -> int | None:
+    """The image size a timm ViT state dict was saved at: its `pos_embed` grid (square) times the patch size;
+    None without a position embedding or with a grid that is not square."""
+    shape = tuple(shapes.get("pos_embed", ()))
+    if len(shape) != 3:
+        return None
+    tokens = shape[1] - (0 if module.no_embed_class else module.num_prefix_tokens)
+    side = math.isqrt(max(tokens, 0))
+    return side * int(module.patch_size) if side and side * side == tokens else None
 
 
 def resample_pos_embed(posemb: np.ndarray, module: nn.Module, model: str) -> np.ndarray:

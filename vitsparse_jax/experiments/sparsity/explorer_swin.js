@@ -4,13 +4,17 @@
 // val (I, Hb+1, nW, T, k) log-quantised row entries, with idx (same shape: window positions) and rest
 // (I, Hb+1, nW, T) when k < T (else position = entry); mu (I, Hb+1, gh*gw); top (I, Hb+1, top_n).
 // Head index Hb = the mean over heads. Rows and columns live within one window: a query only sees its window.
+// data.distances (optional): each head's attention distance per block, drawn by explorer_distances.js.
 var I = data.images.length, L = data.blocks.length, S = data.swin;
 var root = vj.$("sparsity-explorer");
 var st = { image: 0, block: L - 1, head: -1, qy: 0.5, qx: 0.5, pinned: false };   // head -1 = mean
 var lut = new Float32Array(256);   // uint8 log-quantised values -> attention
 for (var q = 1; q < 256; q++) lut[q] = Math.pow(10, data.log_floor * (1 - (q - 1) / 254));
 var images = [];
-var canvases = ["row", "col", "mu"].map(function (n) { return vj.$("sparsity-" + n); });
+var canvases = ["picture", "row", "col", "mu"].map(function (n) { return vj.$("sparsity-" + n); });
+var dist = data.distances ? distancePanel(data.distances, vj, 0, function (h) {
+  st.head = h; vj.$("sparsity-head").value = String(h); render();
+}) : null;
 var where = S.map(function (b) {   // raster token -> window * T + position (the inverse of `tokens`)
   var inv = new Int32Array(b.grid[0] * b.grid[1]);
   for (var r = 0; r < b.tokens.length; r++) inv[b.tokens[r]] = r;
@@ -77,20 +81,40 @@ function maxOf(a) {
   for (var i = 0; i < a.length; i++) if (a[i] > m) { m = a[i]; at = i; }
   return [m, at];
 }
+// The "colour" control (as explorer.js): log10 over at least one decade below the maximum, so that a window of
+// near-equal values (an untrained model's later stages) shows near the top colour, not stretched over the bar;
+// log10 from the minimum to the maximum; or linear from 0.
+function colourOptions() {
+  var scale = vj.$("sparsity-scale").value;
+  if (scale === "linear") return { log: false, vmin: 0, what: "" };
+  return scale === "stretch" ? { log: true, what: " (log colour, min to max)" }
+                             : { log: true, minDecades: 1, what: " (log colour)" };
+}
 function draw(name, values, label, win) {
-  var b = blk(), gh = b.grid[0], gw = b.grid[1], c = vj.$("sparsity-" + name);
-  var log = vj.$("sparsity-scale").value === "log", thin = c.width / gw < 8 ? 1 : 2;
-  var r = vj.drawHeatmap(c, values, gh, gw, { image: images[st.image], log: log, cmap: "magma",
-                                              vmin: log ? undefined : 0 });
+  var b = blk(), gh = b.grid[0], gw = b.grid[1], c = vj.$("sparsity-" + name), o = colourOptions();
+  var thin = vj.fitCanvas(c, gh, gw) < 8 ? 1 : 2;
+  var r = vj.drawHeatmap(c, values, gh, gw, { image: images[st.image], log: o.log, vmin: o.vmin,
+    minDecades: o.minDecades, cmap: "magma", alpha: +vj.$("sparsity-opacity").value / 100 });
   if (vj.$("sparsity-show-top").checked) vj.outlineCells(c, topColumns(), gh, gw, "#38d9ff", thin);
   outlineRegion(c, win, gh, gw, "#ffd43b");
-  vj.outlineCells(c, [query()], gh, gw, "#ffffff", thin + 1);
-  vj.colorbar(vj.$("sparsity-" + name + "-cb"), "magma", r.vmin, r.vmax, label + (log ? " (log colour)" : ""));
+  vj.outlineCells(c, [query()], gh, gw, "#ffffff", thin + 1, "#000000");
+  vj.colorbar(vj.$("sparsity-" + name + "-cb"), "magma", r.vmin, r.vmax,
+              label + o.what + (r.constant ? ": every value equal" : ""));
+  root.dataset[name + "Range"] = r.vmin.toPrecision(6) + "," + r.vmax.toPrecision(6);
+}
+function drawPicture(win) {
+  var b = blk(), gh = b.grid[0], gw = b.grid[1], c = vj.$("sparsity-picture"), cell = vj.fitCanvas(c, gh, gw);
+  vj.drawImage(c, images[st.image]);
+  outlineRegion(c, win, gh, gw, "#ffd43b");
+  vj.outlineCells(c, [query()], gh, gw, "#ffffff", cell < 8 ? 2 : 3, "#000000");
+  vj.$("sparsity-grid-note").textContent = gh + "x" + gw + " tokens, " + cell + " px per token";
 }
 function render() {
   var b = blk(), t = query(), at = windowOf(t), h = headIndex(), hw = b.grid[0] * b.grid[1];
   var rw = row(t), col = column(t), win = windowMask(at.w);
   var m0 = (st.image * (b.heads + 1) + h) * hw, mu = b.mu.subarray(m0, m0 + hw);
+  vj.$("sparsity-opacity-value").textContent = vj.$("sparsity-opacity").value + "%";
+  drawPicture(win);
   draw("row", rw.values, "attention", win);
   draw("col", col, "attention", win);
   var showMu = vj.$("sparsity-show-mu").checked;
@@ -98,6 +122,10 @@ function render() {
   if (showMu) draw("mu", mu, h === b.heads ? "mu" : "mu_h", win);
   var best = maxOf(rw.values), stored = 0;
   for (var i = 0; i < hw; i++) if (rw.values[i] === rw.values[i]) stored += rw.values[i];
+  var showDist = vj.$("sparsity-show-dist").checked && dist !== null;
+  vj.$("sparsity-dist-panel").hidden = !showDist;
+  vj.$("sparsity-dist-readout").hidden = !showDist;
+  if (showDist) dist.render(st.image, st.block, h === b.heads ? -1 : h);
   var head = h === b.heads ? "mean" : String(h);
   root.dataset.image = st.image; root.dataset.block = st.block; root.dataset.head = head;
   root.dataset.query = t; root.dataset.window = at.w; root.dataset.rowMax = best[0].toFixed(6);
@@ -106,8 +134,8 @@ function render() {
     + " (" + b.grid[0] + "x" + b.grid[1] + " tokens, window " + b.window[0] + "x" + b.window[1]
     + (b.shift[0] || b.shift[1] ? ", shifted by " + b.shift[0] + "," + b.shift[1] : ", not shifted") + ")"
     + " · head " + head + " · query " + tokenName(t) + " in window " + at.w + (st.pinned ? " [pinned]" : "")
-    + " · row max " + vj.fmt(best[0]) + " at " + tokenName(best[1]) + " · stored entries hold "
-    + vj.fmt(100 * stored) + "% (rest " + vj.fmt(100 * rw.rest) + "%) · mu of this column " + vj.fmt(mu[t]);
+    + " · row max " + vj.fmt(best[0]) + " at " + tokenName(best[1]) + " · stored entries hold \u2248"
+    + vj.fmt(100 * Math.min(stored, 1)) + "% (rest " + vj.fmt(100 * rw.rest) + "%) · mu of this column " + vj.fmt(mu[t]);
 }
 function setHeads() {
   var b = blk(), items = [[-1, "mean"]];
@@ -148,9 +176,10 @@ vj.$("sparsity-block").addEventListener("change", function (e) { setBlock(+e.tar
 vj.$("sparsity-head").addEventListener("change", function (e) { st.head = +e.target.value; render(); });
 vj.$("sparsity-prev").addEventListener("click", function () { setBlock(st.block - 1); });
 vj.$("sparsity-next").addEventListener("click", function () { setBlock(st.block + 1); });
-["sparsity-scale", "sparsity-show-mu", "sparsity-show-top"].forEach(function (id) {
-  vj.$(id).addEventListener("change", render);
-});
+["sparsity-scale", "sparsity-show-mu", "sparsity-show-top", "sparsity-show-dist", "sparsity-dist-source"]
+  .forEach(function (id) { vj.$(id).addEventListener("change", render); });
+vj.$("sparsity-opacity").addEventListener("input", render);
+if (dist === null) vj.$("sparsity-show-dist").disabled = true;
 function cellAt(c, e) {
   var b = blk(), at = vj.patchAt(c, e, b.grid[0], b.grid[1]);
   return at ? { index: at.index, qy: (at.row + 0.5) / b.grid[0], qx: (at.col + 0.5) / b.grid[1] } : null;

@@ -1,6 +1,7 @@
 // Sparsity explorer (vitsparse_jax/experiments/sparsity/explorer.py builds `data`). Runs with `data`, `vj`.
 // Arrays (flat, C order): idx/val (I, L, H+1, N, K), pre (I, L, H+1, N, P), rest/mu (I, L, H+1, N),
 // top (I, L, H+1, T), norms (I, L+1, N); head index H = the mean over heads; tokens: P prefix, then patches.
+// data.distances (optional): each head's attention distance per block, drawn by explorer_distances.js.
 var I = data.images.length, L = data.blocks.length, H1 = data.heads + 1, P = data.prefix;
 var gh = data.grid[0], gw = data.grid[1], NP = gh * gw, N = P + NP, K = data.row_top_k, T = data.top_n;
 var root = vj.$("sparsity-explorer");
@@ -9,7 +10,10 @@ var st = { image: 0, block: L - 1, head: H1 - 1, query: P + Math.floor(gh / 2) *
 var lut = new Float32Array(256);   // uint8 log-quantised values -> attention
 for (var q = 1; q < 256; q++) lut[q] = Math.pow(10, data.log_floor * (1 - (q - 1) / 254));
 var images = [];
-var canvases = ["row", "col", "mu", "norm"].map(function (n) { return vj.$("sparsity-" + n); });
+var canvases = ["picture", "row", "col", "mu", "norm"].map(function (n) { return vj.$("sparsity-" + n); });
+var dist = data.distances ? distancePanel(data.distances, vj, P, function (h) {
+  st.head = h; vj.$("sparsity-head").value = String(h); render();
+}) : null;
 
 function base() { return (st.image * L + st.block) * H1 + st.head; }
 function tokenName(t) {
@@ -46,17 +50,37 @@ function maxOf(a) {
   for (var i = 0; i < a.length; i++) if (a[i] > m) { m = a[i]; at = i; }
   return [m, at];
 }
+// The colour options of the "colour" control: log10 over at least one decade below the maximum (near-equal
+// values stay near the top colour instead of being stretched over the bar), log10 stretched from the minimum to
+// the maximum, or linear from 0.
+function colourOptions() {
+  var scale = vj.$("sparsity-scale").value;
+  if (scale === "linear") return { log: false, vmin: 0, what: "" };
+  return scale === "stretch" ? { log: true, what: " (log colour, min to max)" }
+                             : { log: true, minDecades: 1, what: " (log colour)" };
+}
 function draw(name, values, label) {
-  var c = vj.$("sparsity-" + name), log = vj.$("sparsity-scale").value === "log";
-  var r = vj.drawHeatmap(c, values, gh, gw, { image: images[st.image], log: log, cmap: "magma",
-                                              vmin: log ? undefined : 0 });
-  if (vj.$("sparsity-show-top").checked) vj.outlineCells(c, topColumns(), gh, gw, "#38d9ff", 2);
-  if (st.query >= P) vj.outlineCells(c, [st.query - P], gh, gw, "#ffffff", 3);
-  vj.colorbar(vj.$("sparsity-" + name + "-cb"), "magma", r.vmin, r.vmax, label + (log ? " (log colour)" : ""));
+  var c = vj.$("sparsity-" + name), o = colourOptions(), cell = vj.fitCanvas(c, gh, gw);
+  var r = vj.drawHeatmap(c, values, gh, gw, { image: images[st.image], log: o.log, vmin: o.vmin,
+    minDecades: o.minDecades, cmap: "magma", alpha: +vj.$("sparsity-opacity").value / 100 });
+  var lw = cell < 8 ? 1 : 2;
+  if (vj.$("sparsity-show-top").checked) vj.outlineCells(c, topColumns(), gh, gw, "#38d9ff", lw);
+  if (st.query >= P) vj.outlineCells(c, [st.query - P], gh, gw, "#ffffff", lw + 1, "#000000");
+  vj.colorbar(vj.$("sparsity-" + name + "-cb"), "magma", r.vmin, r.vmax,
+              label + o.what + (r.constant ? ": every value equal" : ""));
+  root.dataset[name + "Range"] = r.vmin.toPrecision(6) + "," + r.vmax.toPrecision(6);
+}
+function drawPicture() {
+  var c = vj.$("sparsity-picture"), cell = vj.fitCanvas(c, gh, gw);
+  vj.drawImage(c, images[st.image]);
+  if (st.query >= P) vj.outlineCells(c, [st.query - P], gh, gw, "#ffffff", cell < 8 ? 2 : 3, "#000000");
+  vj.$("sparsity-grid-note").textContent = gh + "x" + gw + " patches, " + cell + " px per patch";
 }
 function render() {
   var rw = row(st.query), col = column(st.query), colPatches = col.subarray(P);
   var m = base() * N, mu = data.mu.subarray(m, m + N);
+  vj.$("sparsity-opacity-value").textContent = vj.$("sparsity-opacity").value + "%";
+  drawPicture();
   draw("row", rw.patches, "attention");
   draw("col", colPatches, "attention");
   var showMu = vj.$("sparsity-show-mu").checked;
@@ -72,12 +96,16 @@ function render() {
   for (var i = 0; i < NP; i++) if (rw.patches[i] === rw.patches[i]) stored += rw.patches[i];
   var head = st.head === H1 - 1 ? "mean" : String(st.head);
   root.dataset.image = st.image; root.dataset.block = st.block; root.dataset.head = head;
-  root.dataset.query = st.query; root.dataset.rowMax = best[0].toFixed(6);
+  root.dataset.query = st.query; root.dataset.rowMax = best[0].toFixed(6); root.dataset.rowMaxPatch = best[1];
   vj.$("sparsity-readout").textContent = "image " + data.image_index[st.image] + " · " + data.blocks[st.block]
     + " · head " + head + " · query " + tokenName(st.query) + (st.pinned ? " [pinned]" : "")
-    + " · row max " + vj.fmt(best[0]) + " at patch " + best[1] + " · stored patch entries hold "
-    + vj.fmt(100 * stored) + "% (rest " + vj.fmt(100 * rw.rest) + "%) · mu of this column "
+    + " · row max " + vj.fmt(best[0]) + " at patch " + best[1] + " · stored patch entries hold \u2248"
+    + vj.fmt(100 * Math.min(stored, 1)) + "% (rest " + vj.fmt(100 * rw.rest) + "%) · mu of this column "
     + vj.fmt(mu[st.query]);
+  var showDist = vj.$("sparsity-show-dist").checked && dist !== null;
+  vj.$("sparsity-dist-panel").hidden = !showDist;
+  vj.$("sparsity-dist-readout").hidden = !showDist;
+  if (showDist) dist.render(st.image, st.block, st.head === H1 - 1 ? -1 : st.head);
   var pre = vj.$("sparsity-prefix");
   pre.hidden = !vj.$("sparsity-show-prefix").checked;
   if (P === 0) { pre.textContent = "this model has no prefix tokens"; return; }
@@ -130,9 +158,11 @@ vj.$("sparsity-block").addEventListener("change", function (e) { setBlock(+e.tar
 vj.$("sparsity-head").addEventListener("change", function (e) { st.head = +e.target.value; render(); });
 vj.$("sparsity-prev").addEventListener("click", function () { setBlock(st.block - 1); });
 vj.$("sparsity-next").addEventListener("click", function () { setBlock(st.block + 1); });
-["sparsity-scale", "sparsity-show-mu", "sparsity-show-top", "sparsity-show-norms", "sparsity-show-prefix"]
-  .forEach(function (id) { vj.$(id).addEventListener("change", render); });
+["sparsity-scale", "sparsity-show-mu", "sparsity-show-top", "sparsity-show-norms", "sparsity-show-prefix",
+ "sparsity-show-dist", "sparsity-dist-source"].forEach(function (id) { vj.$(id).addEventListener("change", render); });
+vj.$("sparsity-opacity").addEventListener("input", render);
 if (data.norms === undefined) vj.$("sparsity-show-norms").disabled = true;
+if (dist === null) vj.$("sparsity-show-dist").disabled = true;
 canvases.forEach(function (c) {
   c.addEventListener("mousemove", function (e) {
     var at = vj.patchAt(c, e, gh, gw);

@@ -1,24 +1,52 @@
 // Receptive-field explorer (report.html): runs as a function body with `data` (decoded) and `vj` in scope.
 // data.models[m]: name, image_size [H, W], map_size [h, w], pool, layers [{name, group, depth, grid, central,
-//   centre_px}], variants [{label, trained, num_images, S, mean_radius, max_M, maps (L, h, w) uint8 = M / map_max
-//   x 255, map_max}]; data.scale: the run's map_scale ('per_map' | 'shared'), the initial colour scale.
-var $ = vj.$, K = "rf", SVG = "http://www.w3.org/2000/svg";
-var el = { model: $(K + "-model"), layer: $(K + "-layer"), label: $(K + "-layer-label"), scale: $(K + "-scale"),
-  maps: $(K + "-maps"), curves: $(K + "-curves"), note: $(K + "-note"), root: $(K + "-explorer") };
+//   centre_px}], variants (untrained first) [{label, trained, num_images, S, mean_radius, max_M, maps (L, h, w)
+//   uint8: 0 = below, else M / map_max = 10^(-D (1 - (q - 1) / 254)), map_max}]; data.log_decades: D;
+//   data.scale: the run's map_scale ('per_map' | 'shared'), the initial colour scale.
+// The slider steps through the layers' depths (a ViT block: its position); the sub-stage control picks one of the
+// layers at that depth (attn, attn_res, mlp, mlp_res); the chosen sub-stage is kept while the slider moves.
+var $ = vj.$, K = "rf", SVG = "http://www.w3.org/2000/svg", D = data.log_decades;
+var el = { model: $(K + "-model"), layer: $(K + "-layer"), stage: $(K + "-stage"), label: $(K + "-layer-label"),
+  scale: $(K + "-scale"), colour: $(K + "-colour"), maps: $(K + "-maps"), curves: $(K + "-curves"),
+  note: $(K + "-note"), root: $(K + "-explorer") };
 var METRICS = [["S", "S = \u03a3 r E_r / max M (px)"], ["mean_radius", "mean radius (px)"]];
 var COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"];
-var state = { model: 0, layer: 0 };
+var state = { model: 0, layer: 0, group: "attn" };   // group: the sub-stage kept while the slider moves
+var steps = [];   // per slider position: the indices of the model's layers at that depth, forward order
 
 function model() { return data.models[state.model]; }
+function stepsOf(m) {   // layers grouped by depth, in order of first appearance
+  var out = [], at = {};
+  m.layers.forEach(function (l, i) {
+    var key = String(l.depth);
+    if (!(key in at)) { at[key] = out.length; out.push([]); }
+    out[at[key]].push(i);
+  });
+  return out;
+}
+function stepOf(i) {
+  for (var s = 0; s < steps.length; s++) if (steps[s].indexOf(i) >= 0) return s;
+  return 0;
+}
+function firstLayer(m) {   // the attention sub-stage of the middle block (else the layer nearest depth 0.5)
+  var best = -1, pool = m.layers.some(function (l) { return l.group === "attn"; });
+  m.layers.forEach(function (l, i) {
+    if (pool && l.group !== "attn") return;
+    if (best < 0 || Math.abs(l.depth - 0.5) < Math.abs(m.layers[best].depth - 0.5)) best = i;
+  });
+  return Math.max(best, 0);
+}
 function groups(m) {
   var out = [];
   m.layers.forEach(function (l) { if (out.indexOf(l.group) < 0) out.push(l.group); });
   return out;
 }
-function mapValues(m, v, l) {   // the layer's map as M values (flat h*w)
+var LUT = new Float32Array(256);   // q -> M / max M
+for (var q = 1; q < 256; q++) LUT[q] = Math.pow(10, -D * (1 - (q - 1) / 254));
+function mapValues(m, v, l) {   // the layer's map as M values (flat h*w; 0 below 10^-D of its max)
   var h = m.map_size[0], w = m.map_size[1], n = h * w, q = m.variants[v].maps, out = new Float32Array(n);
-  var s = m.variants[v].map_max[l] / 255;
-  for (var i = 0; i < n; i++) out[i] = q[l * n + i] * s;
+  var top = m.variants[v].map_max[l];
+  for (var i = 0; i < n; i++) out[i] = LUT[q[l * n + i]] * top;
   return out;
 }
 function vmax(m, v, l) {
@@ -125,12 +153,21 @@ function curve(m, metric, title) {
 
 function render() {
   var m = model(), l = state.layer, layer = m.layers[l], h = m.map_size[0], w = m.map_size[1];
-  el.layer.value = String(l);
+  var step = stepOf(l), log = el.colour.value === "log";
+  el.layer.value = String(step);
+  vj.options(el.stage, steps[step].map(function (i) {   // the group, or the layer's name where groups repeat
+    var g = m.layers[i].group, twice = steps[step].filter(function (j) { return m.layers[j].group === g; }).length > 1;
+    return [i, twice ? m.layers[i].name : g];
+  }), l);
+  el.stage.disabled = steps[step].length < 2;
   el.label.textContent = layer.name + " \u00b7 " + layer.group + " \u00b7 relative depth " + vj.fmt(layer.depth)
     + " \u00b7 layer " + (l + 1) + " of " + m.layers.length;
+  el.root.dataset.layer = layer.name;
   m.variants.forEach(function (vr, v) {
-    var c = $(K + "-map-" + v), top = vmax(m, v, l) || 1;
-    vj.drawHeatmap(c, mapValues(m, v, l), h, w, { cmap: "magma", vmin: 0, vmax: top, alpha: 1 });
+    var c = $(K + "-map-" + v), top = vmax(m, v, l) || 1, values = mapValues(m, v, l), lo = top * Math.pow(10, -D);
+    if (log) for (var i = 0; i < values.length; i++) values[i] = Math.max(values[i], lo);   // below: bottom colour
+    vj.drawHeatmap(c, values, h, w, log ? { cmap: "magma", log: true, vmin: Math.log10(lo), vmax: Math.log10(top) }
+                                        : { cmap: "magma", vmin: 0, vmax: top });
     var g = layer.grid, r = layer.central, ctx = c.getContext("2d");   // central region (cyan) and its centre
     ctx.save();
     ctx.strokeStyle = "#00e5ff"; ctx.lineWidth = 2;
@@ -143,8 +180,8 @@ function render() {
     ctx.fill();
     ctx.restore();
     var pooled = m.pool > 1 ? ", " + m.pool + "\u00d7" + m.pool + " means" : "";
-    vj.colorbar($(K + "-cb-" + v), "magma", 0, top, "M (" + (el.scale.value === "per_map" ? "this map" : "shared")
-      + pooled + ")");
+    vj.colorbar($(K + "-cb-" + v), "magma", log ? lo : 0, top, "M (" + (log ? "log10, " : "")
+      + (el.scale.value === "per_map" ? "this map" : "shared") + pooled + ")");
     $(K + "-readout-" + v).textContent = "S = " + vj.fmt(vr.S[l]) + " px \u00b7 mean radius = "
       + vj.fmt(vr.mean_radius[l]) + " px \u00b7 max M = " + vj.fmt(vr.max_M[l]);
   });
@@ -161,22 +198,32 @@ function render() {
   });
 }
 
-function setLayer(i) {
+function setLayer(i) {   // a layer (a curve's point, the sub-stage control): its group is kept from now on
   var n = model().layers.length;
   state.layer = Math.max(0, Math.min(n - 1, i));
+  state.group = model().layers[state.layer].group;
+  render();
+}
+function setStep(s) {   // a slider position: the layer there of the kept group, else its first layer
+  var m = model(), at = steps[Math.max(0, Math.min(steps.length - 1, s))];
+  var same = at.filter(function (i) { return m.layers[i].group === state.group; });
+  state.layer = same.length ? same[0] : at[0];
   render();
 }
 function setModel(i) {
   var m = data.models[i];
   state.model = i;
-  el.layer.max = String(m.layers.length - 1);
-  state.layer = Math.min(state.layer, m.layers.length - 1);
+  steps = stepsOf(m);
+  el.layer.max = String(steps.length - 1);
+  state.layer = firstLayer(m);
+  state.group = m.layers[state.layer].group;
   buildPanels(m);
   el.note.textContent = "Mean |\u2202 sum(Y_central) / \u2202x| over the images, summed over colour channels; "
     + "cyan: the central region of the layer's grid and its centre. Shown " + m.map_size[0] + "\u00d7" + m.map_size[1]
     + (m.pool > 1 ? " (" + m.pool + "\u00d7" + m.pool + " average-pooled from " + m.image_size[0] + "\u00d7"
-      + m.image_size[1] + ")" : "") + ", 256 levels per map; S and the mean radius are the run's values, "
-    + "from the full maps. Slider, arrow keys, or click a point of a curve.";
+      + m.image_size[1] + ")" : "") + ", stored on a log scale (255 levels over " + D + " decades below each map's "
+    + "max, within 2.3%); S and the mean radius are the run's values, from the full maps. The slider (or the arrow "
+    + "keys) steps through depth and keeps the sub-stage; a point of a curve selects its layer.";
   render();
 }
 
@@ -184,7 +231,9 @@ vj.options(el.model, data.models.map(function (m, i) { return [i, m.name]; }), 0
 $(K + "-model-box").hidden = data.models.length < 2;
 el.scale.value = data.scale === "shared" ? "shared" : "per_map";
 el.model.addEventListener("change", function () { setModel(+el.model.value); });
-el.layer.addEventListener("input", function () { setLayer(+el.layer.value); });
+el.layer.addEventListener("input", function () { setStep(+el.layer.value); });
+el.stage.addEventListener("change", function () { setLayer(+el.stage.value); });
 el.scale.addEventListener("change", render);
-vj.onArrows(el.root, function (step) { setLayer(state.layer + step); });
+el.colour.addEventListener("change", render);
+vj.onArrows(el.root, function (step) { setStep(stepOf(state.layer) + step); });
 setModel(0);

@@ -1,4 +1,6 @@
-"""Locality of gradient receptive fields (SPEC section 5): central regions, radial profiles, S, mean radius.
+"""Locality of gradient receptive fields: central regions, radial profiles, S, the ring-mean radius
+(docs/science.md#locality-summary), the mass-weighted distance and the uniform-map references
+(docs/science.md#attention-distance).
 
 Pure functions of shapes and numpy maps; no model code. Pixel (i, j) of an image has its centre at
 (i + 0.5, j + 0.5) in continuous pixel coordinates; a cell (r, c) of a g_h x g_w grid laid over an
@@ -84,18 +86,48 @@ def radial_profile(m: np.ndarray, centre: tuple[float, float]) -> np.ndarray:
     return sums / np.maximum(counts, 1)
 
 
+def mass_weighted_distance(m: np.ndarray, centre: tuple[float, float]) -> float:
+    """sum_x M(x) ||x - c|| / sum_x M(x) over the pixel centres x of a map M (H, W), c = `centre` (y, x).
+
+    Unlike the ring-mean radius (a mean over rings, each ring's pixels averaged first), every pixel counts with
+    its own mass, as every key counts with its attention weight in the mean attention distance. A map that is
+    0 everywhere gives NaN.
+    """
+    m = np.asarray(m, np.float64)
+    if m.ndim != 2:
+        raise ValueError(f"a receptive-field map must be (H, W), got shape {m.shape}")
+    total = float(np.sum(m))
+    return float(np.sum(m * pixel_distances(m.shape, centre))) / total if total > 0 else float("nan")
+
+
+@dataclasses.dataclass(frozen=True)
+class UniformReference:
+    """The receptive-field measures of a uniform map M = 1 on the same image and centre (reference lines)."""
+
+    ring_mean_radius: float       # floor(R) / 2: every ring r = 0..floor(R) has the same E_r
+    mass_weighted_distance: float  # the mean distance of the pixel centres from the centre
+
+
+def uniform_reference(image_hw: tuple[int, int], centre: tuple[float, float]) -> UniformReference:
+    """The uniform-map values of the ring-mean radius and the mass-weighted distance (224 px around the image
+    centre: 78.5 px and 85.7 px)."""
+    d = pixel_distances(image_hw, centre)
+    return UniformReference(math.floor(float(d.max())) / 2, float(d.mean()))
+
+
 @dataclasses.dataclass(frozen=True)
 class Locality:
     s: float              # (1 / max M) * sum_r r E_r[M]
-    mean_radius: float    # sum_r r E_r / sum_r E_r (scale-free)
+    mean_radius: float    # ring-mean radius sum_r r E_r / sum_r E_r (scale-free)
     max_m: float
     profile: np.ndarray   # E_r[M], r = 0..floor(R)
+    mass_distance: float  # mass-weighted distance sum_x M(x) ||x - c|| / sum_x M(x) (scale-free)
 
 
 def locality(m: np.ndarray, centre: tuple[float, float]) -> Locality:
     """The locality summary of one receptive-field map M (H, W) around `centre` (y, x) in pixels.
 
-    A map that is 0 everywhere (no gradient reaches the input) gives NaN for S and the mean radius.
+    A map that is 0 everywhere (no gradient reaches the input) gives NaN for S and both distances.
     """
     profile = radial_profile(m, centre)
     r = np.arange(len(profile), dtype=np.float64)
@@ -104,4 +136,4 @@ def locality(m: np.ndarray, centre: tuple[float, float]) -> Locality:
     total = float(np.sum(profile))
     s = moment / max_m if max_m > 0 else float("nan")
     mean_radius = moment / total if total > 0 else float("nan")
-    return Locality(s, mean_radius, max_m, profile)
+    return Locality(s, mean_radius, max_m, profile, mass_weighted_distance(m, centre))

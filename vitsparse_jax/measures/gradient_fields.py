@@ -1,13 +1,16 @@
-"""The batched gradient program of the receptive-field experiment, and the layers it measures.
+"""The batched gradient program of receptive fields, and the layers it measures (shared by the receptive-field
+and locality experiments).
 
 For each requested layer Y: M = |d sum(Y_central) / dx|, x = the normalised input image, summed over the
-colour channels (SPEC section 5). One jitted program per model computes the maps of ALL layers with a
+colour channels (docs/science.md#receptive-fields). One jitted program per model computes the maps of ALL layers with a
 reverse sweep over the model's stages (`module.info().stages`): the forward runs stage by stage under
 `jax.vjp` (`apply(start=s, stop=s)`) up to the deepest requested layer; then, from the top down, a batch
 of cotangents with one row per layer already reached is pulled back through each stage (vmapped over the
 rows), each layer's row joining at the stage that computes it. Layer l so pays for the backward of its
 own stage and those below it, about what a per-layer autograd loop does, instead of a full backward pass. At
 most `chunk_size` rows travel together (one sweep per chunk of layers, deepest first), which bounds memory.
+The same forward pass can also give other per-image values of its captures (`Side`, e.g. the attention
+distances of every block), so that one device step computes both.
 """
 from __future__ import annotations
 
@@ -16,14 +19,14 @@ import fnmatch
 import functools
 import inspect
 import re
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from vitsparse_jax import data
-from vitsparse_jax.experiments.receptive_field import locality
+from vitsparse_jax.measures import locality
 from vitsparse_jax.models import ModelInfo
 
 LOGITS = "logits"               # the model output (B, num_classes); not a capture name
@@ -78,7 +81,7 @@ def valid_layers(info: ModelInfo) -> tuple[str, ...]:
 def default_layers(info: ModelInfo) -> tuple[str, ...]:
     """Transformers: embedding and the four sub-stages of every block (+ Swin downsampling; with layer scale the
     `attn` / `mlp` sub-stages are the scaled branches, before the residual add); VGG: every ReLU after a conv;
-    ResNet: the stem and every block output; ConvNeXt: the stem and every block output (SPEC section 6)."""
+    ResNet: the stem and every block output; ConvNeXt: the stem and every block output (docs/science.md#sub-stages)."""
     if info.family in TRANSFORMER_FAMILIES:
         head = ("norm", "pre_logits", "attn_pool.probs", LOGITS)
         return tuple(n for n in valid_layers(info) if n not in head)
@@ -147,6 +150,16 @@ def layer_specs(module: Any, variables: Any, info: ModelInfo, names: Sequence[st
 # ------------------------------------------------------------------------------------------------------
 # The batched gradient program
 
+class Side(Protocol):
+    """Per-image values computed from captures of the gradient program's own forward pass (not differentiated):
+    `captures` names them, `__call__(aux)` reduces {capture name: array} to a pytree of (B, ...) arrays. It must
+    be hashable (the compiled programs are cached on it)."""
+
+    captures: tuple[str, ...]
+
+    def __call__(self, aux: Mapping[str, jax.Array]) -> Any: ...
+
+
 def stage_plan(module: Any) -> tuple[str | None, ...]:
     """The stages the program runs one at a time: `info().stages` when the module's `__call__` takes `stop`
     (every family of this package), else the whole network as one stage (`None`)."""
@@ -161,9 +174,12 @@ def stage_plan(module: Any) -> tuple[str | None, ...]:
 
 @functools.lru_cache(maxsize=16)
 def make_rf_fn(module: Any, layers: tuple[Layer, ...], num_prefix_tokens: int, chunk_size: int = 0,
-               norm: tuple[tuple[float, ...], tuple[float, ...]] | None = None, per_image: bool = False) -> Callable:
+               norm: tuple[tuple[float, ...], tuple[float, ...]] | None = None, per_image: bool = False, *,
+               side: Side | None = None) -> Callable:
     """A jitted fn(variables, images, weight) -> (L, H, W): sum over images of weight * M_l; with
-    `per_image`, (L, B, H, W): each image's weight * M_l, for the host to add in a fixed order.
+    `per_image`, (L, B, H, W): each image's weight * M_l, for the host to add in a fixed order. With `side`,
+    fn returns (maps, side(captures)): the side's captures come from the same forward pass (every stage that
+    computes one runs), unweighted.
 
     images: (B, H, W, 3), uint8 when `norm` = (mean, std) is given (x = (images / 255 - mean) / std), else
     the normalised x. weight: (B,) per image (1 = count, 0 = padding): it scales the cotangent of every
@@ -180,6 +196,8 @@ def make_rf_fn(module: Any, layers: tuple[Layer, ...], num_prefix_tokens: int, c
     swept as one stage (the whole network: a full backward pass per layer).
     """
     captures = tuple(dict.fromkeys(layer.name for layer in layers if layer.name != LOGITS))
+    side_captures = tuple(dict.fromkeys(side.captures)) if side is not None else ()
+    everything = tuple(dict.fromkeys(captures + side_captures))
     by_name = {layer.name: layer for layer in layers}
     stages = stage_plan(module)
 
@@ -196,20 +214,26 @@ def make_rf_fn(module: Any, layers: tuple[Layer, ...], num_prefix_tokens: int, c
             x = images.astype(jnp.float32)
         weight = weight.astype(jnp.float32)
 
-        # forward, stage by stage, until every requested layer has been computed
-        runs, stage_of, h = [], {}, x
+        # forward, stage by stage, until every requested layer (and side capture) has been computed
+        runs, stage_of, side_aux, h = [], {}, {}, x
         for i, stage in enumerate(stages):
             kw = {} if stage is None else {"start": stage, "stop": stage}
-            (out, aux), pullback = jax.vjp(
-                lambda h, kw=kw: module.apply(variables, h, capture=captures, **kw), h)
+
+            def run(h, kw=kw):   # -> ((output, the layers' captures: differentiated), the side's captures)
+                out, aux = module.apply(variables, h, capture=everything, **kw)
+                return (out, {k: v for k, v in aux.items() if k in captures}), \
+                    {k: v for k, v in aux.items() if k in side_captures}
+
+            (out, aux), pullback, extra = jax.vjp(run, h, has_aux=True)
             runs.append((out, aux, pullback))
+            side_aux.update(extra)
             stage_of.update({name: i for name in captures if name in aux})
             if i == len(stages) - 1 and LOGITS in by_name:
                 stage_of[LOGITS] = i
-            if len(stage_of) == len(by_name):
+            if len(stage_of) == len(by_name) and len(side_aux) == len(side_captures):
                 break
             h = out
-        missing = [name for name in by_name if name not in stage_of]
+        missing = [name for name in by_name if name not in stage_of] + [n for n in side_captures if n not in side_aux]
         if missing:
             raise ValueError(f"no stage of {type(module).__name__} computes {missing}; stages: {stages}")
 
@@ -229,7 +253,8 @@ def make_rf_fn(module: Any, layers: tuple[Layer, ...], num_prefix_tokens: int, c
             maps.append(carry)
             order += rows
         maps = jnp.concatenate(maps) if len(maps) > 1 else maps[0]
-        return maps[jnp.asarray([order.index(layer.name) for layer in layers])]
+        maps = maps[jnp.asarray([order.index(layer.name) for layer in layers])]
+        return (maps, side(side_aux)) if side is not None else maps
 
     def pull_stage(run: tuple, carry: jax.Array | None, old: int, new: list[str], weight: jax.Array,
                    to_maps: bool) -> jax.Array:
