@@ -14,6 +14,9 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 # Figures are drawn in full but their PNGs rendered at 60 dpi: 300 dpi PNGs are half of a small run's time.
 os.environ.setdefault("VITSPARSE_JAX_FIGURE_DPI", "60")
+# Figures drawn in the test's own process (test_figure_pool.py starts worker processes itself): a worker per run
+# would add an interpreter's start-up to every end-to-end test.
+os.environ.setdefault("VITSPARSE_JAX_FIGURE_WORKERS", "0")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

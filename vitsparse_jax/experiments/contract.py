@@ -122,6 +122,11 @@ class Context(abc.ABC):
         """Images [start, stop) as one numpy batch (padded to the mesh) and the rows that hold readable images."""
 
     @abc.abstractmethod
+    def image_batch_spec(self, loaded: Any) -> Any:
+        """The pass's image batch in the abstract (jax.ShapeDtypeStruct: global shape, uint8, sharding): an
+        abstract evaluation of the device step with it is the one the pass then reuses (no second trace)."""
+
+    @abc.abstractmethod
     def weights_key(self, loaded: Any) -> dict[str, Any]:
         """The weights' content fingerprint for resume keys."""
 

@@ -35,10 +35,11 @@ def run(config: Any) -> dict[str, Any]:
     parallel.initialize_distributed(**config.distributed)   # before anything touches a device
     import jax
 
-    from vitsparse_jax.runtime import session
+    from vitsparse_jax.runtime import session, xla_cache
     from vitsparse_jax.runtime.config_defaults import expand_config_paths
 
     expand_config_paths(config)   # `~` and $VARS in every path field
+    xla_cache.enable(config.get("xla_cache", "auto"))   # before anything compiles
     workdir = Workdir(config.workdir)
     with session.Session(config, workdir, data_identity=_data_identity) as s:
         if s.complete is not None:
@@ -170,6 +171,15 @@ class _RunContext(Context):
                             start=start, stop=stop, cache_dir=d.get("cache_dir") or None,
                             num_workers=d.get("num_workers") or None)
 
+    def image_batch_spec(self, loaded: Any) -> Any:
+        import jax
+
+        from vitsparse_jax.runtime import parallel
+
+        size = int(loaded.info.img_size)
+        return jax.ShapeDtypeStruct((int(self.config.data.batch_size), size, size, 3), np.uint8,
+                                    sharding=parallel.batch_sharding(self.mesh))
+
     def host_batch(self, loaded: Any, start: int, stop: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
         size = -(-(stop - start) // self.mesh.size) * self.mesh.size
         batch = self.to_host(next(iter(self.batches(loaded, start, stop, size))))
@@ -203,16 +213,22 @@ def _execute(experiment: Experiment, config: Any, workdir: Workdir, *, loaded: S
     fingerprints of every pass (for the completion marker)."""
     import jax
 
-    from vitsparse_jax.runtime import timing
+    from vitsparse_jax.runtime import figure_pool, timing
 
     timing.start_run()   # where the run's time goes: results.json's `timing`, and one log line
-    plan, ctx, measured, inputs = _measure(experiment, config, workdir, loaded=loaded, source=source, mesh=mesh,
-                                           extras=write, stop_after_batches=stop_after_batches)
-    with timing.phase("results"):
-        results = experiment.results(plan, measured, ctx)
-    if write and jax.process_index() == 0:
-        with timing.phase("figures"):   # the result files; report.html is its own phase
-            results = experiment.report(plan, measured, results, ctx, workdir)
+    writer = write and jax.process_index() == 0
+    if writer:
+        figure_pool.start()   # figure workers come up during the checks and the pass
+    try:
+        plan, ctx, measured, inputs = _measure(experiment, config, workdir, loaded=loaded, source=source,
+                                               mesh=mesh, extras=write, stop_after_batches=stop_after_batches)
+        with timing.phase("results"):
+            results = experiment.results(plan, measured, ctx)
+        if writer:
+            with timing.phase("figures"), figure_pool.drawing():   # the result files; report.html: its own phase
+                results = experiment.report(plan, measured, results, ctx, workdir)
+    finally:
+        figure_pool.stop()
     results = {**results, "timing": timing.summary()}
     log.info("%s", timing.describe(results["timing"]))
     if write and jax.process_index() == 0 and workdir.path("results.json").is_file():   # with its timing

@@ -149,9 +149,8 @@ def rows(res: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 def _heads(module: nn.Module, captures: tuple[str, ...]) -> tuple[int, ...]:
     """Each block's head count, from an abstract forward pass (ViT maps (B, heads, N, N); Swin (B, nW, heads, T, T))."""
-    x = jax.ShapeDtypeStruct(models.dummy_input(module).shape, jnp.float32)
-    aux = jax.eval_shape(lambda v, x: module.apply(v, x, capture=captures)[1], models.variable_shapes(module), x)
-    return tuple(int(aux[c].shape[1] if len(aux[c].shape) == 4 else aux[c].shape[2]) for c in captures)
+    shapes = models.capture_shapes(module, captures)
+    return tuple(int(shapes[c][1] if len(shapes[c]) == 4 else shapes[c][2]) for c in captures)
 
 
 @functools.lru_cache(maxsize=32)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+from typing import Sequence
 
 import flax.linen as nn
 import jax
@@ -22,6 +23,12 @@ def dummy_input(module: nn.Module, batch: int = 1) -> jax.Array:
     return jnp.zeros((batch, size, size, 3), jnp.float32)
 
 
+def abstract_input(module: nn.Module, batch: int = 1) -> jax.ShapeDtypeStruct:
+    """The shape and dtype of `dummy_input`, for abstract evaluation (nothing allocated or compiled)."""
+    size = model_info(module).img_size
+    return jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
+
+
 @functools.lru_cache(maxsize=None)
 def _jitted_init(module: nn.Module):  # modules are frozen dataclasses: equal configs share one compilation
     return jax.jit(module.init)
@@ -33,8 +40,28 @@ def init_untrained(module: nn.Module, seed: int = 0) -> dict:
 
 
 def variable_shapes(module: nn.Module) -> dict:
-    """Shapes/dtypes of the module's variables, without allocating them."""
-    return jax.eval_shape(module.init, jax.random.PRNGKey(0), dummy_input(module))
+    """Shapes/dtypes of the module's variables, without allocating them (a fresh tree; one abstract
+    evaluation per module configuration)."""
+    return jax.tree.map(lambda leaf: leaf, _variable_shapes(module))
+
+
+@functools.lru_cache(maxsize=32)
+def _variable_shapes(module: nn.Module) -> dict:
+    key = jax.ShapeDtypeStruct((2,), jnp.uint32)   # abstract inputs: nothing is computed or compiled
+    return jax.eval_shape(module.init, key, abstract_input(module))
+
+
+def capture_shapes(module: nn.Module, captures: Sequence[str]) -> dict[str, tuple[int, ...]]:
+    """Shapes (batch 1) of the named intermediates of a forward pass, from one abstract evaluation per module
+    configuration and capture list (no weights, no compute)."""
+    return dict(_capture_shapes(module, tuple(captures)))
+
+
+@functools.lru_cache(maxsize=32)
+def _capture_shapes(module: nn.Module, captures: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
+    _, aux = jax.eval_shape(lambda v, x: module.apply(v, x, capture=captures), _variable_shapes(module),
+                            abstract_input(module))
+    return {k: tuple(v.shape) for k, v in aux.items()}
 
 
 def fit_variables(module: nn.Module, flat: dict) -> dict:
@@ -48,4 +75,4 @@ def fit_variables(module: nn.Module, flat: dict) -> dict:
 
 
 __all__ = ["ModelInfo", "create_model", "list_models", "split_name", "model_info", "init_untrained",
-           "dummy_input", "variable_shapes", "fit_variables"]
+           "dummy_input", "abstract_input", "variable_shapes", "capture_shapes", "fit_variables"]

@@ -59,6 +59,8 @@ def base_config(experiment: str) -> ml_collections.ConfigDict:
                                # '' = $VITSPARSE_JAX_FIGURE_FORMATS, else 'png'
     c.figure_dpi = 0           # PNG resolution in dots per inch (300 for print: slower); 0 = $VITSPARSE_JAX_FIGURE_DPI,
                                # else 150
+    c.xla_cache = "auto"       # jax's persistent compilation cache (a second run reads its programs from disk): a
+                               # folder; 'auto' = $JAX_COMPILATION_CACHE_DIR, else ~/.cache/vitsparse_jax/xla; '' = off
     c.data = data_config()
     c.distributed = ml_collections.ConfigDict()
     c.distributed.coordinator = ""   # 'host:port' of process 0; '' = single process (or auto on TPU pods)

@@ -102,13 +102,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, invalidate: bool
     the file belongs to a run's result set, so a final write in progress (`Workdir.final_set`) can undo it
     (False for resume states and caches, which outlive a failed final write)."""
     path = Path(path)
-    if invalidate and _ROOTS:
-        _invalidate_completion(Path(os.path.abspath(path)))
-    if invalidate and result and _FINAL_SETS:
-        absolute = Path(os.path.abspath(path))
-        for journal in _FINAL_SETS:
-            if _inside(absolute, journal.root):
-                journal.before_change(absolute)
+    if invalidate:
+        before_write(path, result=result)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -128,6 +123,19 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, invalidate: bool
             _reraise(path, e)
         raise
     return path
+
+
+def before_write(path: str | os.PathLike, *, result: bool = True) -> None:
+    """What `atomic_write_bytes` does before it writes `path`: the completion marker of its workdir removed
+    (or moved aside during a final write) and, for a result file, the final write's journal told. A file
+    written by another process (a figure worker) is announced here first."""
+    absolute = Path(os.path.abspath(path))
+    if _ROOTS:
+        _invalidate_completion(absolute)
+    if result and _FINAL_SETS:
+        for journal in _FINAL_SETS:
+            if _inside(absolute, journal.root):
+                journal.before_change(absolute)
 
 
 def _json_default(obj: Any) -> Any:
@@ -179,6 +187,25 @@ def figure_formats() -> tuple[str, ...]:
         return formats
     value = os.environ.get(FIGURE_FORMATS_ENV, "").strip()
     return _check_formats(value, FIGURE_FORMATS_ENV) if value else ("png",)
+
+
+def write_figure(fig: Any, stem_path: Path, formats: tuple[str, ...], dpi: int) -> list[Path]:
+    """Saves a matplotlib figure as `<stem_path>.<ext>` for each format (atomically) and closes it."""
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for ext in formats:
+        buf = io.BytesIO()
+        with plt.rc_context({"pdf.fonttype": 42, "pdf.compression": 9}):   # Type 42: editable, journal-safe
+            fig.savefig(buf, format=ext, dpi=dpi, bbox_inches="tight")
+        paths.append(atomic_write_bytes(stem_path.with_name(f"{stem_path.name}.{ext}"), buf.getvalue()))
+    plt.close(fig)
+    return paths
+
+
+def log_figure(name: Path, paths: list[Path], seconds: float) -> None:
+    """The progress line of one figure written."""
+    log.info("figure %s written (%s, %.1f s)", name, "+".join(p.suffix[1:] for p in paths), seconds)
 
 
 @contextlib.contextmanager
@@ -259,18 +286,18 @@ class Workdir:
         """Writes the figure as `figure_formats()`: `stem.png` (`dpi`; default `figure_dpi()`) and, on request,
         `stem.pdf` (vector; text as TrueType, images at their own resolution); closes the figure and logs one
         line (the progress of a run's figures)."""
-        import matplotlib.pyplot as plt
-
-        dpi, start, paths = dpi or figure_dpi(), time.perf_counter(), []
-        for ext in figure_formats():
-            buf = io.BytesIO()
-            with plt.rc_context({"pdf.fonttype": 42, "pdf.compression": 9}):   # Type 42: editable, journal-safe
-                fig.savefig(buf, format=ext, dpi=dpi, bbox_inches="tight")
-            paths.append(atomic_write_bytes(self.path(f"{stem}.{ext}"), buf.getvalue()))
-        plt.close(fig)
-        log.info("figure %s written (%s, %.1f s)", self.path(stem).relative_to(self.root),
-                 "+".join(p.suffix[1:] for p in paths), time.perf_counter() - start)
+        start = time.perf_counter()
+        paths = write_figure(fig, self.path(stem), figure_formats(), dpi or figure_dpi())
+        log_figure(self.path(stem).relative_to(self.root), paths, time.perf_counter() - start)
         return paths
+
+    def figure(self, stem: str, make: Any, /, *args: Any, **kwargs: Any) -> None:
+        """Draws `make(*args, **kwargs)` (a module-level function that returns a matplotlib Figure) and saves
+        it as `save_figure` does; during a run's `figure_pool.drawing()` block in a free worker process (the
+        files are complete when the block ends, or at `figure_pool.wait()`), else here and now."""
+        from vitsparse_jax.runtime import figure_pool
+
+        figure_pool.draw(self, stem, make, args, kwargs)
 
     def write_npz(self, name: str, arrays: Mapping[str, np.ndarray]) -> Path:
         """A compressed .npz of named arrays, written atomically."""

@@ -239,9 +239,9 @@ def write_outputs(workdir: Any, out: dict[str, Any], config: Any, explorers: Seq
     workdir.write_text("tables.md", tables_markdown(results, float(ab.confidence)))
     n_a = 2 if 2 in results[0]["grid"]["n"] else results[0]["grid"]["n"][-1]
     shown = figure_models(results, _items(ab.figure_models), "ablation.figure_models") or results
-    workdir.save_figure(figures.accuracy_vs_p(shown, n=n_a), "figure4a")
+    workdir.figure("figure4a", figures.accuracy_vs_p, shown, n=n_a)
     focus = (figure_models(results, _items(ab.figure_b_model), "ablation.figure_b_model") or results)[:MAX_PANELS]
-    workdir.save_figure(figures.accuracy_vs_p_by_n(focus), "figure4b")
+    workdir.figure("figure4b", figures.accuracy_vs_p_by_n, focus)
     names = [r["name"] for r in focus]
     text = report_text(out, n_a, names)
     workdir.write_text("report.md", text)

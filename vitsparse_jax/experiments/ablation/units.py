@@ -86,14 +86,6 @@ class Plan:
         return tuple(dict.fromkeys(names))
 
 
-def _capture_shapes(module: nn.Module, names: Sequence[str]) -> dict[str, tuple[int, ...]]:
-    """Shapes (batch 1) of captured tensors, from an abstract evaluation (no compute, no weights)."""
-    variables = models.variable_shapes(module)
-    x = jax.ShapeDtypeStruct(models.dummy_input(module).shape, jnp.float32)
-    _, aux = jax.eval_shape(lambda v, x: module.apply(v, x, capture=tuple(names)), variables, x)
-    return {k: tuple(v.shape) for k, v in aux.items()}
-
-
 def _site_units(module: nn.Module, info: ModelInfo, site: str, last_site: str, rank_by: str,
                 cnn_unit: str, shapes: Mapping[str, tuple[int, ...]]) -> SiteUnits:
     stage = stage_of(site, info.stages)
@@ -147,7 +139,7 @@ def make_plan(module: nn.Module, *, ps: Sequence[float], ns: Sequence[int], draw
 
     ablated = sites[len(sites) - max(ns):]
     wanted = [f"{s}.probs" for s in ablated] if info.family in ("vit", "swin") else list(ablated)
-    shapes = _capture_shapes(module, wanted)
+    shapes = models.capture_shapes(module, wanted)
     units = {s: _site_units(module, info, s, sites[-1], rank_by, cnn_unit, shapes) for s in ablated}
     ks = {s: tuple(count(p, u.units) for p in ps) for s, u in units.items()}
     for s, k in ks.items():

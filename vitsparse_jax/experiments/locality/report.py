@@ -208,7 +208,7 @@ def write_outputs(workdir: Workdir, results: Sequence[ModelResult], summary: dic
     workdir.write_csv("locality.csv", csv_rows(results))
     _save_maps(workdir, "locality_maps.npz", results)
     shown = pair_names([r.model for r in results])
-    workdir.save_figure(figures.distances_vs_depth([figure_entry(r, shown) for r in results]), FIGURE)
+    workdir.figure(FIGURE, figures.distances_vs_depth, [figure_entry(r, shown) for r in results])
     text = report_text(results, summary, files)
     workdir.write_text("report.md", text)
     panel = explorer.explorer(results, bool(summary.get("renormalize")))

@@ -150,15 +150,13 @@ def write_outputs(workdir: Workdir, results: Sequence[Measured], series: Sequenc
     shown = pair_names([r.model for r in results])
     entries = [_figure_entry(r, shown) for r in results]
     scale = (summary.get("config") or {}).get("receptive_field", {}).get("map_scale", "per_map")
-    workdir.save_figure(figures.maps_across_depth(entries, max_columns=max_columns, scale=scale),
-                        "receptive_field_maps")
-    workdir.save_figure(figures.locality_vs_depth(entries), "locality_vs_depth")
+    workdir.figure("receptive_field_maps", figures.maps_across_depth, entries, max_columns=max_columns, scale=scale)
+    workdir.figure("locality_vs_depth", figures.locality_vs_depth, entries)
     files += ["receptive_field_maps.png/pdf", "locality_vs_depth.png/pdf"]
     if series:
         workdir.write_csv("locality_over_training.csv", _csv_rows(series))
         _save_maps(workdir, "locality_over_training.npz", series)
-        workdir.save_figure(figures.locality_over_training([_figure_entry(r) for r in series]),
-                            "locality_over_training")
+        workdir.figure("locality_over_training", figures.locality_over_training, [_figure_entry(r) for r in series])
         files += ["locality_over_training.csv", "locality_over_training.npz", "locality_over_training.png/pdf"]
     text = _report(results, series, fraction, files, summary.get("warnings", ()))
     workdir.write_text("report.md", text)

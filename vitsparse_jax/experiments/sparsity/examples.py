@@ -44,22 +44,51 @@ def example_choice(probe: Probe, source: Any, cfg: Any) -> ExampleChoice:
         block=resolve_index(int(cfg.s1_block), len(probe.names), "sparsity.s1_block (a block)"))
 
 
-def example(loaded: Any, probe: Probe, ctx: Context, choice: ExampleChoice) -> Example:
-    """The maps of one image for Fig. 1 (one head of the last block) and S1 (every head of a block)."""
-    lay: st.AttentionLayout = probe.layout
-    i, head, s1, last = choice.image, choice.head, choice.block, len(probe.names) - 1
-    batch, _ = ctx.host_batch(loaded, i, i + 1)
-    if not batch["valid"][0]:
-        raise ValueError(f"image {i} of {ctx.source.name} could not be read ({ctx.source.skipped.get(i)}); "
-                         "choose another sparsity.example_index")
-    captures = (probe.captures[last], probe.captures[s1])
+def example_values(probe: Probe, choice: ExampleChoice) -> Any:
+    """aux (the captures of a forward pass whose first image is the example) -> what Fig. 1 and S1 need of
+    that image (jax; inside a jitted program): the maps of the two blocks and their column means."""
+    last = len(probe.names) - 1
+    captures = (probe.captures[last], probe.captures[choice.block])
 
-    def maps(variables: Any, image: jax.Array) -> tuple[dict[str, jax.Array], st.Pair, st.Pair]:
+    def values(aux: dict[str, jax.Array]) -> tuple[dict[str, jax.Array], st.Pair, st.Pair]:
+        one = {c: aux[c][:1] for c in captures}
+        return one, probe.column_means(one, last)[1], probe.column_means(one, choice.block)[0]
+
+    return values
+
+
+def example(loaded: Any, probe: Probe, ctx: Context, choice: ExampleChoice) -> Example:
+    """The maps of one image for Fig. 1 (one head of the last block) and S1 (every head of a block), from a
+    forward pass of its own (`explorer.forward` shares the explorer's instead)."""
+    i = choice.image
+    batch, _ = ctx.host_batch(loaded, i, i + 1)
+    check_readable(batch, ctx, choice)
+    values = example_values(probe, choice)
+    captures = tuple(dict.fromkeys((probe.captures[-1], probe.captures[choice.block])))
+
+    def maps(variables: Any, image: jax.Array) -> Any:
         """One program (nothing runs op by op): normalisation, the forward pass, the two blocks' column means."""
         _, aux = loaded.module.apply(variables, data.normalize(image, loaded.pretrained_cfg), capture=captures)
-        return aux, probe.column_means(aux, last)[1], probe.column_means(aux, s1)[0]
+        return values(aux)
 
-    aux, mu_h, mu_s1 = jax.device_get(jax.jit(maps)(loaded.variables, batch["image"][:1]))
+    return example_from(loaded, probe, choice, batch["image"][0],
+                        jax.device_get(jax.jit(maps)(loaded.variables, batch["image"][:1])))
+
+
+def check_readable(batch: dict[str, np.ndarray], ctx: Context, choice: ExampleChoice) -> None:
+    """The example image (row 0 of `batch`) must be readable: else a clear error before any figure."""
+    if not batch["valid"][0]:
+        i = choice.image
+        raise ValueError(f"image {i} of {ctx.source.name} could not be read ({ctx.source.skipped.get(i)}); "
+                         "choose another sparsity.example_index")
+
+
+def example_from(loaded: Any, probe: Probe, choice: ExampleChoice, image: np.ndarray, values: Any) -> Example:
+    """`Example` of the image (S, S, 3) uint8 from its `example_values` (on the host)."""
+    lay: st.AttentionLayout = probe.layout
+    i, head, s1, last = choice.image, choice.head, choice.block, len(probe.names) - 1
+    captures = (probe.captures[last], probe.captures[s1])
+    aux, mu_h, mu_s1 = values
     mu_h, mu_s1 = st.hi_lo(mu_h), st.hi_lo(mu_s1)
     p, grid = lay.prefix, lay.grids[last]
     # Fig. 1: the brightest patch columns of this head (its mu_h); S1: around the block's brightest column
@@ -69,7 +98,7 @@ def example(loaded: Any, probe: Probe, ctx: Context, choice: ExampleChoice) -> E
                                 int(np.argmax(np.asarray(mu_s1)[0, p:])))
     names = (probe.names[last], probe.names[s1])
     return Example(
-        index=i, image=batch["image"][0], head_map=last_maps[head], head_title=f"{names[0]} head {head}{where}",
+        index=i, image=np.asarray(image), head_map=last_maps[head], head_title=f"{names[0]} head {head}{where}",
         top_cells=[divmod(int(j), grid[1]) for j in top], heads=s1_maps,
         heads_title=f"{loaded.name}: every head of {names[1]}{s1_where}, image {i}")
 

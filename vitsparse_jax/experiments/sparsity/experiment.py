@@ -17,7 +17,6 @@ import logging
 from typing import Any, Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from vitsparse_jax import data, models
@@ -26,7 +25,8 @@ from vitsparse_jax.experiments.names import check_distinct
 from vitsparse_jax.experiments.contract import Context, Experiment, Item, Measured, Measurement, Plan
 from vitsparse_jax.experiments.sparsity import compare, explorer, norms, report
 from vitsparse_jax.experiments.sparsity import stats as st
-from vitsparse_jax.experiments.sparsity.examples import example, example_choice, resolve_index
+from vitsparse_jax.experiments.sparsity.examples import (check_readable, example, example_choice, example_from,
+                                                         example_values, resolve_index)
 from vitsparse_jax.experiments.sparsity.probe import Probe
 from vitsparse_jax.measures import attention_summary, locality
 from vitsparse_jax.models import swin as swin_models
@@ -91,13 +91,6 @@ def resolve_kind(requested: str, family: str, model: str) -> str:
                      "use 'auto' or 'attention'")
 
 
-def _capture_shapes(module: Any, captures: Sequence[str]) -> dict[str, tuple[int, ...]]:
-    """Shapes (batch 1) of captured tensors, from an abstract evaluation (no weights, no compute)."""
-    x = jax.ShapeDtypeStruct(models.dummy_input(module).shape, jnp.float32)
-    aux = jax.eval_shape(lambda v, x: module.apply(v, x, capture=tuple(captures))[1], models.variable_shapes(module), x)
-    return {k: tuple(v.shape) for k, v in aux.items()}
-
-
 def _fractions(cfg: Any) -> tuple[float, ...]:
     return tuple(st.check_fraction(float(p)) for p in cfg.top_fractions)
 
@@ -114,7 +107,7 @@ def attention_probe(module: Any, cfg: Any) -> Probe:
     names = tuple(site.removesuffix(".attn") for site in info.ablation_sites)   # every attention block
     swin = info.family == "swin"
     probs = tuple(f"{n}.attn.probs" for n in names)
-    shapes = _capture_shapes(module, probs + (names if swin else ()))
+    shapes = models.capture_shapes(module, probs + (names if swin else ()))
     if swin:
         grids = tuple(shapes[n][1:3] for n in names)          # block maps (B, H, W, C)
         index = tuple(swin_models.window_token_index(module, int(n.split(".")[1]), int(n.split(".")[3]))
@@ -147,7 +140,7 @@ def attention_probe(module: Any, cfg: Any) -> Probe:
 
 def channel_probe(module: Any, cfg: Any) -> Probe:
     names = tuple(models.model_info(module).ablation_sites)   # the ablation's layers (docs/science.md#cnn-units)
-    shapes = _capture_shapes(module, names)
+    shapes = models.capture_shapes(module, names)
     layout = st.ChannelLayout(channels=tuple(shapes[n][-1] for n in names), nu_range=_nu_range(cfg),
                               top_fractions=_fractions(cfg))
     return Probe("cnn", names, names, layout)
@@ -291,8 +284,7 @@ class Sparsity(Experiment):
         fn = device_values_fn(loaded, probe)
         variables = ctx.replicate(loaded.variables)
         per_image = plan.spec.per_image
-        size = loaded.info.img_size
-        shapes = jax.eval_shape(fn, variables, jax.ShapeDtypeStruct((1, size, size, 3), jnp.uint8))
+        shapes = jax.eval_shape(fn, variables, ctx.image_batch_spec(loaded))   # the pass's trace, made here
         one = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), shapes)
         totals = probe.totals(probe.host_values(one), len(source))   # exact, ordered sums (runtime/ordered.py)
 
@@ -374,12 +366,17 @@ class Sparsity(Experiment):
         probe, s = result.probe, plan.spec.cfg
         if probe.kind != "attention":
             return Extras()
-        choice = example_choice(probe, ctx.source, s)
-        ex = example(loaded, probe, ctx, choice)
+        choice, images = example_choice(probe, ctx.source, s), int(s.get("explore_images", 4))
+        if images > 0 and explorer.supported(probe) and not explorer.is_swin(probe):   # one forward pass for both
+            fwd = explorer.forward(loaded, probe, ctx, choice.image, images, also=example_values(probe, choice))
+            check_readable(fwd.batch, ctx, choice)
+            ex = example_from(loaded, probe, choice, fwd.batch["image"][0], fwd.out["also"])
+            explore = explorer.page_data(loaded, probe, fwd, float(s.top_fraction))
+        else:
+            ex = example(loaded, probe, ctx, choice)
+            explore = explorer.collect(loaded, probe, ctx, choice.image, images, float(s.top_fraction))
         if result.scatter:   # kept by the pass
             ex.norm_scatter = norms.scatter_values(result.scatter)
-        explore = explorer.collect(loaded, probe, ctx, choice.image, int(s.get("explore_images", 4)),
-                                   float(s.top_fraction))
         return Extras(ex, explore)
 
     def _summary(self, m: Measured, ctx: Context) -> dict[str, Any]:

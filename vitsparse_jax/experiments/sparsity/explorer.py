@@ -13,7 +13,8 @@ only its entries that are among their row's top `ROW_TOP_K`.
 """
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -76,9 +77,11 @@ def pack(a: jax.Array, prefix: int, top_k: int) -> dict[str, jax.Array]:
             "rest": jnp.maximum(patches.sum(-1) - vals.sum(-1), 0.0), "mu": a.mean(axis=-2)}
 
 
-def _pack_fn(loaded: LoadedModel, probe: Probe, top_k: int, norms: bool) -> Any:
+def _pack_fn(loaded: LoadedModel, probe: Probe, top_k: int, norms: bool,
+             also: Callable[[dict[str, jax.Array]], Any] | None = None) -> Any:
     """jit(variables, image uint8) -> {"blocks": [pack(maps of each block)], "norms": (B, L + 1, N), "distances":
-    the probe's per-image attention distances (B, blocks, heads) when it measures them}."""
+    the probe's per-image attention distances (B, blocks, heads) when it measures them, "also": also(aux), what
+    another figure needs of the same forward pass}."""
     p, cfg = probe.layout.prefix, loaded.pretrained_cfg
     names = ("embed", *probe.names) if norms else ()
 
@@ -87,6 +90,8 @@ def _pack_fn(loaded: LoadedModel, probe: Probe, top_k: int, norms: bool) -> Any:
         _, aux = loaded.module.apply(variables, data.normalize(image, cfg),
                                      capture=tuple(dict.fromkeys(probe.captures + names)))
         out = {"blocks": [pack(aux[c], p, top_k) for c in probe.captures]}
+        if also is not None:
+            out["also"] = also(aux)
         if probe.distances is not None:
             out["distances"] = probe.distances(aux)
         if norms:
@@ -120,6 +125,16 @@ def encode(blocks: list[dict[str, np.ndarray]], norms: np.ndarray | None, meta: 
     return _with_distances(res, distances)
 
 
+@dataclasses.dataclass
+class Forward:
+    """The explorer's forward pass over its images: the host batch, its readable rows, the device outputs."""
+
+    batch: dict[str, np.ndarray]
+    keep: np.ndarray
+    out: dict[str, Any]
+    top_k: int
+
+
 def collect(loaded: LoadedModel, probe: Probe, ctx: Context, start: int, images: int,
             top_fraction: float) -> dict[str, Any] | None:
     """The explorer's data for the readable images among `images` from `start` on (None when none)."""
@@ -127,15 +142,33 @@ def collect(loaded: LoadedModel, probe: Probe, ctx: Context, start: int, images:
         return None
     if is_swin(probe):
         return collect_swin(loaded, probe, ctx, start, images, top_fraction)
+    return page_data(loaded, probe, forward(loaded, probe, ctx, start, images), top_fraction)
+
+
+def forward(loaded: LoadedModel, probe: Probe, ctx: Context, start: int, images: int,
+            also: Callable[[dict[str, jax.Array]], Any] | None = None) -> Forward:
+    """The forward pass of a ViT explorer (`supported`, not `is_swin`) over images [start, start + images):
+    one program, which also returns `also(aux)` (Fig. 1 and S1's maps of the first image: one forward pass
+    for both)."""
     lay: st.AttentionLayout = probe.layout
     gh, gw = lay.grids[-1]
     stop = min(len(ctx.source), start + images)
     top_k = row_top_k(stop - start, len(probe.names), lay.heads, lay.prefix, gh * gw)
     batch, keep = ctx.host_batch(loaded, start, stop)
+    if keep.size == 0:   # no readable image: nothing to compute
+        return Forward(batch, keep, {}, top_k)
+    norms = "embed" in loaded.info.capture_names
+    out = ctx.to_host(_pack_fn(loaded, probe, top_k, norms, also)(loaded.variables, batch["image"]))
+    return Forward(batch, keep, out, top_k)
+
+
+def page_data(loaded: LoadedModel, probe: Probe, fwd: Forward, top_fraction: float) -> dict[str, Any] | None:
+    """The explorer's data from its `forward` (None when no image was readable)."""
+    batch, keep, out = fwd.batch, fwd.keep, fwd.out
     if keep.size == 0:
         return None
-    norms = "embed" in loaded.info.capture_names
-    out = ctx.to_host(_pack_fn(loaded, probe, top_k, norms)(loaded.variables, batch["image"]))
+    lay: st.AttentionLayout = probe.layout
+    gh, gw = lay.grids[-1]
     side = batch["image"].shape[1]
     meta = {"model": loaded.name, "blocks": list(probe.names), "heads": lay.heads, "grid": [gh, gw],
             "prefix": lay.prefix, "prefix_kinds": list(lay.prefix_kinds), "top_fraction": float(top_fraction),
@@ -144,7 +177,7 @@ def collect(loaded: LoadedModel, probe: Probe, ctx: Context, start: int, images:
             "image_index": [int(batch["index"][i]) for i in keep], "label": [int(batch["label"][i]) for i in keep]}
     blocks = [{k: np.asarray(v)[keep] for k, v in b.items()} for b in out["blocks"]]
     distances = image_distances(probe.distances, out["distances"], keep) if probe.distances is not None else None
-    return encode(blocks, np.asarray(out["norms"])[keep] if norms else None, meta, distances)
+    return encode(blocks, np.asarray(out["norms"])[keep] if "norms" in out else None, meta, distances)
 
 
 # ---------------------------------------------------------------------------------------------------------

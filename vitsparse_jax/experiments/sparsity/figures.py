@@ -109,7 +109,10 @@ def nu_density_grid(edges: np.ndarray, dens: np.ndarray, references: np.ndarray,
     n = len(names)
     cols = min(4, n)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.7 * rows), sharex=True, squeeze=False)
+    # fixed spacing instead of tight_layout (a third of this figure's time): the panels' decorations are alike,
+    # and the saved file is cropped to its content (bbox_inches="tight")
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.7 * rows), sharex=True, squeeze=False,
+                             gridspec_kw=dict(wspace=0.32, hspace=0.42 if rows > 1 else 0.2))
     for i, ax in enumerate(axes.flat):
         if i < n:
             bottom = i + cols >= n            # no panel below: this one shows the x axis label
@@ -120,7 +123,6 @@ def nu_density_grid(edges: np.ndarray, dens: np.ndarray, references: np.ndarray,
         else:
             ax.axis("off")
     axes.flat[0].set_xlim(*_support(edges, dens, references))   # shared by every panel
-    fig.tight_layout()
     return fig
 
 
@@ -164,8 +166,10 @@ def all_heads(maps: np.ndarray, title: str) -> Figure:
     heads = maps.shape[0]
     cols = min(4, heads)
     rows = math.ceil(heads / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols + 0.8, 3.2 * rows), squeeze=False,
-                             layout="constrained")
+    # fixed margins instead of a layout engine (which took half of this figure's time): every panel has the same
+    # decorations, so the spacing is known; the saved file is cropped to its content (bbox_inches="tight")
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols + 0.8, 3.2 * rows + 0.4), squeeze=False,
+                             gridspec_kw=dict(left=0.06, right=0.88, bottom=0.07, top=0.9, wspace=0.32, hspace=0.38))
     scale = dict(vmin=float(maps.min()), vmax=float(maps.max()))
     for h, ax in enumerate(axes.flat):
         if h < heads:
@@ -173,7 +177,7 @@ def all_heads(maps: np.ndarray, title: str) -> Figure:
             ax.set(title=f"head {h}", xlabel="key j", ylabel="query i")
         else:
             ax.axis("off")
-    fig.colorbar(im, ax=axes, fraction=0.03, label="attention")
+    fig.colorbar(im, cax=fig.add_axes((0.9, 0.07, 0.015, 0.83)), label="attention")
     fig.suptitle(title)
     return fig
 

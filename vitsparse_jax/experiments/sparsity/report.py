@@ -84,44 +84,44 @@ def attention_outputs(workdir: Workdir, name: str, probe: Probe, res: dict, ex: 
     swin_grid = f" (summed onto the {lay.corr_grid[0]}x{lay.corr_grid[1]} grid)" if len(set(lay.grids)) > 1 else ""
     out: Figures = []
 
-    def save(fig: Any, stem: str, caption: str) -> None:
-        workdir.save_figure(fig, stem)
+    def save(stem: str, caption: str, make: Any, *args: Any, **kwargs: Any) -> None:
+        workdir.figure(stem, make, *args, **kwargs)   # drawn by a figure worker when one is free
         out.append((stem, caption))
 
     if ex is not None:
-        save(figs.example_attention(ex.image, ex.head_map, ex.top_cells, lay.grids[-1], ex.head_title),
-             "fig1_example_attention", f"Fig. 1: image {ex.index}, the attention map of {ex.head_title} and the "
-             "patches of its 3 brightest columns.")
-    save(figs.correlation_heatmap(res["corr_heads"], heads, "head", f"{name}: heads of {names[-1]} (mu_h)"),
-         "fig2a_corr_heads", "Fig. 2a: pooled Pearson r between the heads' mu_h of the last block.")
-    save(figs.correlation_heatmap(res["corr_layers"], short, "block", f"{name}: blocks (mu)"),
-         "fig2b_corr_layers", f"Fig. 2b: pooled Pearson r between the blocks' mu{swin_grid}.")
-    save(figs.nu_density(edges, dens[-1], float(res["nu_reference"][-1]), f"{name}: nu of {names[-1]}"),
-         "fig3a_nu_density_last", "Fig. 3a: density of nu = -log10(mu) over the last block's patch columns; "
-         "dashed: -log10 of the mean mu.")
-    save(figs.top_distribution(res["top_distribution"],
-                               f"top {100 * top_fraction:g}% (k={lay.top_k}) of {names[-1]}, {ranked}"),
-         "fig3b_top_patches", f"Fig. 3b: how often each patch is among the top k = {lay.top_k} columns of the "
+        save("fig1_example_attention", f"Fig. 1: image {ex.index}, the attention map of {ex.head_title} and the "
+             "patches of its 3 brightest columns.",
+             figs.example_attention, ex.image, ex.head_map, ex.top_cells, lay.grids[-1], ex.head_title)
+    save("fig2a_corr_heads", "Fig. 2a: pooled Pearson r between the heads' mu_h of the last block.",
+         figs.correlation_heatmap, res["corr_heads"], heads, "head", f"{name}: heads of {names[-1]} (mu_h)")
+    save("fig2b_corr_layers", f"Fig. 2b: pooled Pearson r between the blocks' mu{swin_grid}.",
+         figs.correlation_heatmap, res["corr_layers"], short, "block", f"{name}: blocks (mu)")
+    save("fig3a_nu_density_last", "Fig. 3a: density of nu = -log10(mu) over the last block's patch columns; "
+         "dashed: -log10 of the mean mu.",
+         figs.nu_density, edges, dens[-1], float(res["nu_reference"][-1]), f"{name}: nu of {names[-1]}")
+    save("fig3b_top_patches", f"Fig. 3b: how often each patch is among the top k = {lay.top_k} columns of the "
          f"last block (ranked by {ranked}), in % of all picks (sums to 100); dashed on the colour bar: a "
-         "uniform choice.")
+         "uniform choice.",
+         figs.top_distribution, res["top_distribution"],
+         f"top {100 * top_fraction:g}% (k={lay.top_k}) of {names[-1]}, {ranked}")
     if ex is not None:
-        save(figs.all_heads(ex.heads, ex.heads_title), "figS1_all_heads", f"Fig. S1: {ex.heads_title}.")
-    save(figs.nu_density_grid(edges, dens, res["nu_reference"], names), "figS4_nu_density_blocks",
-         "Fig. S4: density of nu for every block.")
-    save(figs.top_share(lay.top_fractions, res["top_share"], res["top_share_uniform"], short, "columns"),
-         "top_share", "Share of the patch columns' attention mass held by the top p% columns (mean over images).")
+        save("figS1_all_heads", f"Fig. S1: {ex.heads_title}.", figs.all_heads, ex.heads, ex.heads_title)
+    save("figS4_nu_density_blocks", "Fig. S4: density of nu for every block.",
+         figs.nu_density_grid, edges, dens, res["nu_reference"], names)
+    save("top_share", "Share of the patch columns' attention mass held by the top p% columns (mean over images).",
+         figs.top_share, lay.top_fractions, res["top_share"], res["top_share_uniform"], short, "columns")
     if res.get("norms") is not None:   # docs/science.md#high-norm-tokens
         norm_rows = norms.rows(names, res)
         workdir.write_csv("norms.csv", norm_rows)
         if ex is not None and ex.norm_scatter is not None:
-            save(norms.mu_norm_figure(ex.norm_scatter, lay.prefix_kinds, f"{name}: {names[-1]}"),
-                 "norms_mu_vs_input_norm", f"mu of the last block's columns against the norm of the "
+            save("norms_mu_vs_input_norm", f"mu of the last block's columns against the norm of the "
                  f"same token at the block's input, {len(ex.norm_scatter['mu'])} images from {ex.index} on "
-                 "(log-log; prefix tokens marked).")
-        save(norms.depth_figure([(name, res)]), "norms_vs_depth",
-             f"Share of each block's top-5% mu columns that are high-norm tokens (norm > "
+                 "(log-log; prefix tokens marked).",
+                 norms.mu_norm_figure, ex.norm_scatter, lay.prefix_kinds, f"{name}: {names[-1]}")
+        save("norms_vs_depth", f"Share of each block's top-5% mu columns that are high-norm tokens (norm > "
              f"{res['norms']['norm_factor']:g} x median) of its input (dotted: chance), Spearman r(mu, input norm) "
-             "and the mu mass on register tokens, against relative depth.")
+             "and the mu mass on register tokens, against relative depth.",
+             norms.depth_figure, [(name, res)])
     tables = ["## Blocks", "", markdown_table(rows), "",
               *(["## Sparse columns and high-norm tokens", "", markdown_table(norm_rows), ""]
                 if res.get("norms") is not None else []),
@@ -158,11 +158,10 @@ def cnn_outputs(workdir: Workdir, name: str, probe: Probe, res: dict) -> tuple[F
     workdir.write_csv("layers.csv", rows)
     workdir.write_csv("nu_density.csv", density_rows(res, probe.names, lay.nu_range))
     edges, dens = _densities(res, lay.nu_range)
-    workdir.save_figure(figs.nu_density_grid(edges, dens, res["nu_reference"], probe.names,
-                                             xlabel=r"$-\log_{10}$(channel l1 share)", ref_label=r"$\log_{10} C$"),
-                        "cnn_channel_density")
-    workdir.save_figure(figs.top_share(lay.top_fractions, res["top_share"], res["top_share_uniform"], probe.names,
-                                       "channels"), "top_share")
+    workdir.figure("cnn_channel_density", figs.nu_density_grid, edges, dens, res["nu_reference"], probe.names,
+                   xlabel=r"$-\log_{10}$(channel l1 share)", ref_label=r"$\log_{10} C$")
+    workdir.figure("top_share", figs.top_share, lay.top_fractions, res["top_share"], res["top_share_uniform"],
+                   probe.names, "channels")
     out = [("cnn_channel_density", f"{name}: density of -log10(channel l1 share) per layer (CNN counterpart of "
             "Fig. S4); dashed: a uniform share 1/C."),
            ("top_share", "Share of a layer's total l1 held by its top p% channels (mean over images).")]
