@@ -72,3 +72,27 @@ def test_the_worker_count_comes_from_the_environment(monkeypatch):
     monkeypatch.setenv(figure_pool.WORKERS_ENV, "many")
     with pytest.raises(ValueError, match="whole number"):
         figure_pool.workers()
+
+
+def test_workers_end_with_a_run_killed_outright(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = ("import time\nfrom vitsparse_jax.runtime import figure_pool\nfigure_pool.start(1)\n"
+              "figure_pool._pool.submit(figure_pool._ready).result()\n"
+              "print(*figure_pool._pool._processes, flush=True)\ntime.sleep(60)\n")
+    run = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    (worker,) = map(int, run.stdout.readline().split())
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    for _ in range(100):   # the worker sees its parent gone and exits
+        try:
+            os.kill(worker, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    os.kill(worker, signal.SIGKILL)
+    pytest.fail("a figure worker outlived its killed run")

@@ -24,6 +24,7 @@ import concurrent.futures as futures
 import contextlib
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import threading
@@ -146,11 +147,19 @@ def _cancel() -> None:
 
 def _worker_start() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C stops the run, which stops its workers
+    parent = multiprocessing.parent_process()
+    if parent is not None:   # a run killed outright (kill -9) leaves no worker behind
+        threading.Thread(target=_exit_with, args=(parent.sentinel,), daemon=True).start()
     os.environ.setdefault("MPLBACKEND", "Agg")
     import importlib
 
     for name in WARM_MODULES:
         importlib.import_module(name)
+
+
+def _exit_with(sentinel: int) -> None:
+    multiprocessing.connection.wait([sentinel])   # ready when the run's process has ended
+    os._exit(0)
 
 
 def _ready() -> None:
