@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import concurrent.futures as futures
 import contextlib
+import dataclasses
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -43,8 +44,9 @@ WARM_MODULES = ("matplotlib.pyplot", "jax", "vitsparse_jax.runtime.workdir")   #
 _lock = threading.Lock()
 _pool: futures.ProcessPoolExecutor | None = None
 _size = 0
-_active = False                                   # inside `drawing()`: jobs may go to the workers
-_pending: list[tuple[str, futures.Future]] = []  # (stem, job) sent to a worker, in order
+_active = False                    # inside `drawing()`: jobs may go to the workers
+_broken = False                    # a worker died: this run draws its figures itself
+_pending: list[_Job] = []          # figures sent to a worker, in order
 
 
 def workers() -> int:
@@ -75,8 +77,9 @@ def start(count: int | None = None) -> None:
 def stop() -> None:
     """Stops the workers (after the jobs in progress; those not started are dropped)."""
     global _pool, _size
+    global _broken
     with _lock:
-        pool, _pool, _size = _pool, None, 0
+        pool, _pool, _size, _broken = _pool, None, 0, False
         _pending.clear()
     if pool is not None:
         pool.shutdown(wait=True, cancel_futures=True)
@@ -99,38 +102,66 @@ def drawing() -> Iterator[None]:
         _active = False
 
 
+@dataclasses.dataclass
+class _Job:
+    """A figure sent to a worker, with what it takes to draw it here instead."""
+
+    stem: str
+    future: futures.Future
+    workdir: Any
+    make: Callable[..., Any]
+    args: tuple
+    kwargs: dict
+
+
 def draw(workdir: Any, stem: str, make: Callable[..., Any], args: tuple, kwargs: dict) -> None:
     """`Workdir.figure`: the job to a free worker, else drawn here."""
     from vitsparse_jax.runtime import workdir as wd
 
+    global _broken
     formats, dpi, stem_path = wd.figure_formats(), wd.figure_dpi(), workdir.path(stem)
     with _lock:
-        free = _active and _pool is not None and sum(not f.done() for _, f in _pending) < _size
+        free = (_active and _pool is not None and not _broken
+                and sum(not job.future.done() for job in _pending) < _size)
         if free:
             for ext in formats:   # announced here: the completion marker, the final write's journal
                 wd.before_write(stem_path.with_name(f"{stem_path.name}.{ext}"))
-            job = _pool.submit(_draw, str(stem_path), make, args, kwargs, formats, dpi)
-            _pending.append((stem, job))
-            name = stem_path.relative_to(workdir.root)
-            job.add_done_callback(lambda f: f.exception() is None and wd.log_figure(name, *f.result()))
+            try:
+                future = _pool.submit(_draw, str(stem_path), make, args, kwargs, formats, dpi)
+            except BrokenProcessPool as e:
+                _broken, free = True, False
+                _warn_broken(e)
+            else:
+                _pending.append(_Job(stem, future, workdir, make, args, kwargs))
+                name = stem_path.relative_to(workdir.root)
+                future.add_done_callback(lambda f: f.exception() is None and wd.log_figure(name, *f.result()))
     if not free:
         workdir.save_figure(make(*args, **kwargs), stem, dpi)
 
 
 def wait() -> None:
-    """Blocks until every figure sent to a worker is on disk; raises the first job's error (with its figure)."""
+    """Blocks until every figure sent to a worker is on disk; raises the first job's error (with its figure). A
+    figure whose worker process died (killed, out of memory) is drawn here instead, with a warning."""
+    global _broken
     with _lock:
         jobs = list(_pending)
         _pending.clear()
-    for stem, job in jobs:
-        error = job.exception()
+    for job in jobs:
+        error = job.future.exception()
         if isinstance(error, BrokenProcessPool):
-            raise RuntimeError(f"figure {stem}: its worker process stopped unexpectedly (out of memory?); set "
-                               f"{WORKERS_ENV}=0 to draw the figures in the main process") from error
-        if error is not None:
+            if not _broken:
+                _broken = True
+                _warn_broken(error)
+            job.workdir.save_figure(job.make(*job.args, **job.kwargs), job.stem)
+        elif error is not None:
             if hasattr(error, "add_note"):   # Python 3.11+
-                error.add_note(f"(drawing figure {stem} in a figure worker process)")
+                error.add_note(f"(drawing figure {job.stem} in a figure worker process)")
             raise error
+
+
+def _warn_broken(error: BaseException) -> None:
+    log.warning("a figure worker process stopped unexpectedly (%s): the run draws its remaining figures itself "
+                "(%s=0 does so from the start)", error, WORKERS_ENV)
 
 
 def _cancel() -> None:
@@ -138,9 +169,9 @@ def _cancel() -> None:
     with _lock:
         jobs = list(_pending)
         _pending.clear()
-    for _, job in jobs:
-        job.cancel()
-    futures.wait([job for _, job in jobs])
+    for job in jobs:
+        job.future.cancel()
+    futures.wait([job.future for job in jobs])
 
 
 # --- in the worker processes -----------------------------------------------------------------------------------
