@@ -75,14 +75,15 @@ def start(count: int | None = None) -> None:
 
 
 def stop() -> None:
-    """Stops the workers (after the jobs in progress; those not started are dropped)."""
+    """Stops the workers: those not started are dropped; the processes end in the background (a job in progress
+    still finishes, and this process waits for them when it exits)."""
     global _pool, _size
     global _broken
     with _lock:
         pool, _pool, _size, _broken = _pool, None, 0, False
         _pending.clear()
     if pool is not None:
-        pool.shutdown(wait=True, cancel_futures=True)
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 @contextlib.contextmanager

@@ -64,6 +64,11 @@ def _short(name: str) -> str:
     return name.replace("layers.", "").replace("blocks.", "b")
 
 
+DISPLAY_ORDER = ("fig1_example_attention", "fig2a_corr_heads", "fig2b_corr_layers", "fig3a_nu_density_last",
+                 "fig3b_top_patches", "figS1_all_heads", "figS4_nu_density_blocks", "top_share",
+                 "norms_mu_vs_input_norm", "norms_vs_depth")   # the attention figures in report.md and report.html
+
+
 def attention_outputs(workdir: Workdir, name: str, probe: Probe, res: dict, ex: Example | None,
                       top_fraction: float) -> tuple[Figures, list[str]]:
     lay: st.AttentionLayout = probe.layout
@@ -88,6 +93,12 @@ def attention_outputs(workdir: Workdir, name: str, probe: Probe, res: dict, ex: 
         workdir.figure(stem, make, *args, **kwargs)   # drawn by a figure worker when one is free
         out.append((stem, caption))
 
+    # the two slowest figures first, so that the figure workers and this process finish together; report.html
+    # lists the figures in their own order (DISPLAY_ORDER)
+    save("figS4_nu_density_blocks", "Fig. S4: density of nu for every block.",
+         figs.nu_density_grid, edges, dens, res["nu_reference"], names)
+    if ex is not None:
+        save("figS1_all_heads", f"Fig. S1: {ex.heads_title}.", figs.all_heads, ex.heads, ex.heads_title)
     if ex is not None:
         save("fig1_example_attention", f"Fig. 1: image {ex.index}, the attention map of {ex.head_title} and the "
              "patches of its 3 brightest columns.",
@@ -104,10 +115,6 @@ def attention_outputs(workdir: Workdir, name: str, probe: Probe, res: dict, ex: 
          "uniform choice.",
          figs.top_distribution, res["top_distribution"],
          f"top {100 * top_fraction:g}% (k={lay.top_k}) of {names[-1]}, {ranked}")
-    if ex is not None:
-        save("figS1_all_heads", f"Fig. S1: {ex.heads_title}.", figs.all_heads, ex.heads, ex.heads_title)
-    save("figS4_nu_density_blocks", "Fig. S4: density of nu for every block.",
-         figs.nu_density_grid, edges, dens, res["nu_reference"], names)
     save("top_share", "Share of the patch columns' attention mass held by the top p% columns (mean over images).",
          figs.top_share, lay.top_fractions, res["top_share"], res["top_share_uniform"], short, "columns")
     if res.get("norms") is not None:   # docs/science.md#high-norm-tokens
@@ -122,6 +129,7 @@ def attention_outputs(workdir: Workdir, name: str, probe: Probe, res: dict, ex: 
              f"{res['norms']['norm_factor']:g} x median) of its input (dotted: chance), Spearman r(mu, input norm) "
              "and the mu mass on register tokens, against relative depth.",
              norms.depth_figure, [(name, res)])
+    out.sort(key=lambda figure: DISPLAY_ORDER.index(figure[0]))
     tables = ["## Blocks", "", markdown_table(rows), "",
               *(["## Sparse columns and high-norm tokens", "", markdown_table(norm_rows), ""]
                 if res.get("norms") is not None else []),
