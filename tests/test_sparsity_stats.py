@@ -518,7 +518,36 @@ def test_a_large_batch_gives_each_image_the_values_it_has_in_a_small_one(rng):
                "norms": rng.uniform(1, 2, size=(images, 3, 21)).astype(np.float32)}
     probe = Probe("attention", ("b0", "b1"), (), lay, (None, None), ("embed", "b0", "b1"))
     whole = probe.host_values(reduced)
-    for part in (slice(0, 7), slice(150, images)):
+    for part in (slice(0, 7), slice(HOST_CHUNK + 20, images)):   # in the first chunk, across the last two
         small = probe.host_values(jax.tree.map(lambda x, part=part: np.asarray(x)[part], reduced))
         for key, value in whole.items():
             assert value[part].tobytes() == small[key].tobytes(), key
+
+
+def test_float32_norms_and_split_columns_give_the_same_bits_as_the_general_path(rng):
+    """The ViT fast paths (float32 token norms ranked along with mu's places, Spearman r without ranks put back,
+    mu given as `SplitMu`) against the general path (float64 norms of the same values, stacked mu): the same
+    bits, with ties, NaNs, negative zeros and ties at the top-k boundary; the top-k overlap gathered from the
+    sort against the top-k mask."""
+    blocks, prefix, n, b = 3, 1, 1 + 40, 9
+    lay = vit_layout(grids=((5, 8),) * blocks, prefix=prefix, heads=2, corr_grid=(5, 8), norm_factor=1.2, top_k=3)
+    mus = np.stack([_with_ties(rng, rng.dirichlet(np.ones(n) * 0.4, size=b), prefix) for _ in range(blocks)], axis=1)
+    mus[3, 1, prefix:prefix + 4] = np.sort(mus[3, 1, prefix:])[-2]     # ties across the k-th largest (k = 2)
+    mus[4, 0, prefix + 5] = np.nan
+    heads = np.stack([rng.dirichlet(np.ones(n), size=b) for _ in range(2)], axis=1)
+    norms = rng.uniform(1.0, 2.0, size=(b, blocks + 1, n)).astype(np.float32)
+    norms[0, 1, prefix + 4:prefix + 9] = norms[0, 1, prefix + 2]        # tied norms
+    norms[1, 0, prefix + 3] = np.nan
+    norms[2, 2, prefix:] = 1.5                                          # a constant row
+    norms[5] -= 1.5                                                     # negative values and zeros
+    norms[5, 0, prefix:prefix + 2] = (-0.0, 0.0)
+    fast = st.attention_image_values(st.SplitMu(mus[..., :prefix].copy(), mus[..., prefix:].copy()), heads, lay, norms)
+    general = st.attention_image_values(mus, heads, lay, norms.astype(np.float64))
+    assert fast.keys() == general.keys()
+    for key, value in general.items():
+        assert fast[key].dtype == value.dtype and fast[key].tobytes() == value.tobytes(), key
+    patch = np.ascontiguousarray(mus[..., prefix:])
+    top, mask = st.top_mask_of_sorted(patch, np.sort(patch, axis=-1), 2), rng.random(patch.shape) > 0.5
+    inside, count = st._top_in(patch, st.Ranked.of(patch), 2, mask)
+    np.testing.assert_array_equal(inside, np.count_nonzero(top & mask, axis=-1))
+    np.testing.assert_array_equal(count, np.count_nonzero(top, axis=-1))

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Iterator, Mapping
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 
@@ -45,7 +45,8 @@ def chan_merge(a: tuple[np.ndarray, np.ndarray, np.ndarray], b: tuple[np.ndarray
     """
     (na, ma, ca), (nb, mb, cb) = a, b
     n = na + nb
-    f = np.where(n > 0, nb / np.where(n > 0, n, 1.0), 0.0)
+    some = n > 0
+    f = nb / n if some.all() else np.where(some, nb / np.where(some, n, 1.0), 0.0)
     delta = mb - ma
     cm = ca + cb + delta[..., :, None] * delta[..., None, :] * (na * f)[..., None, None]
     return n, ma + delta * f[..., None], cm
@@ -110,6 +111,11 @@ class OrderedSums:
     def plain(self) -> tuple[str, ...]:
         in_group = {f"{g}_{p}" for g in self.groups for p in MOMENT_PARTS}
         return tuple(k for k in self.floats if k not in in_group)
+
+    @functools.cached_property
+    def _row_bytes(self) -> int:
+        """float64 bytes of one image's float values (the reductions' temporaries)."""
+        return sum(int(np.prod(self.shapes[n][0], dtype=np.int64)) * 8 for n in self.floats)
 
     @property
     def blocks(self) -> int:
@@ -243,8 +249,8 @@ class OrderedSums:
         if (idx >= self.total).any():
             raise ValueError(f"image index {int(idx.max())} is out of range: there are {self.total} images")
         old_slots = np.flatnonzero(state[self._key("open_seen")])
-        old_idx, old_rows = self._waiting_rows(state)
-        if old_idx.size:
+        if old_slots.size or np.size(state[self._key("rows_index")]):   # rows waiting in the state
+            old_idx, old_rows = self._waiting_rows(state)
             idx = np.concatenate([old_idx, idx])
             rows = {n: np.concatenate([old_rows[n], rows[n]]) for n in self.floats}
             ok = np.concatenate([np.ones(old_idx.size, bool), ok])
@@ -309,8 +315,7 @@ class OrderedSums:
         (block ids, their reductions (C, ...) float64), a few blocks at a time; each reduction is a pairwise tree
         over the block's K slots. The reductions live in scratch buffers that the next chunk reuses."""
         k = self.block
-        per_block = k * sum(int(np.prod(self.shapes[n][0], dtype=np.int64)) * 8 for n in self.floats)
-        step = max(1, CHUNK_BYTES // max(per_block, 1))
+        step = max(1, CHUNK_BYTES // max(k * self._row_bytes, 1))
         for lo in range(0, ids.size, step):    # a few blocks at a time: bounded temporaries for large maps
             sel = slice(lo, lo + step)
             c_ids, c_starts, c_counts = ids[sel], starts[sel], counts[sel]

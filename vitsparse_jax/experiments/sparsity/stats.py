@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable, Mapping, Sequence
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -82,7 +84,7 @@ def window_column_means(probs: Array, token_index: np.ndarray) -> tuple[Array, A
 
 def window_column_means_split(probs: Array, token_index: np.ndarray) -> tuple[Pair, Pair]:
     """As `window_column_means`, each as a `mean_with_error` pair."""
-    b, nw, heads, t, _ = probs.shape
+    _, nw, _, t, _ = probs.shape
     order = np.argsort(np.asarray(token_index).reshape(-1))                              # window -> raster order
     if order.size != nw * t:
         raise ValueError(f"token_index of shape {np.shape(token_index)} does not fit maps {probs.shape}")
@@ -147,64 +149,102 @@ def histogram(values: np.ndarray, lo: float, hi: float, bins: int) -> np.ndarray
 @dataclasses.dataclass(frozen=True)
 class Ranked:
     """The rows (..., U) of an array sorted ascending along the last axis (ties in any order): `values` sorted,
-    and `flat`, the index of each in the flattened array (`x.reshape(-1)[flat] == values`)."""
+    and `flat`, the index of each in the flattened array (`x.reshape(-1)[flat] == values`), or `carried`, the
+    entries of another array that went along with the sort."""
 
     values: np.ndarray
     flat: np.ndarray | None                 # None: sorted values only (`ranks` unavailable)
     maybe_tied: np.ndarray | None = None   # bool (...): rows that may hold equal values (None: not known)
+    carried: np.ndarray | None = None      # `of(x, carry)`: carry's entry of each sorted value
 
     @classmethod
-    def of(cls, x: np.ndarray) -> Ranked:
-        """Sorts the rows of `x` (float). Fast path: one integer sort of (float32 bits of x, column) keys, then
-        a check that the rows came out sorted; rows that did not (float64 values equal in float32, NaNs) are
-        sorted again with argsort."""
+    def of(cls, x: np.ndarray, carry: np.ndarray | None = None) -> Ranked:
+        """Sorts the rows of `x` (float). Fast path: one integer sort of (float32 bits of x, flat index) keys,
+        then a check that the rows came out sorted; rows that did not (float64 values equal in float32, NaNs)
+        are sorted again with argsort. carry (float32 x only): integers in [0, 2^32) shaped like x, sorted
+        along in place of the flat index (`carried`; `flat` is then None)."""
         x = np.ascontiguousarray(x)
         u = x.shape[-1]
-        if not np.issubdtype(x.dtype, np.floating) or x.dtype.itemsize > 8 or u < 2 or x.size >= 2 ** 32:
-            flat = np.argsort(x, axis=-1).reshape(-1)
-            flat += _row_starts(x.shape)
-            return cls(x.reshape(-1)[flat].reshape(x.shape), flat)
-        bits = (x if x.dtype == np.float32 else x.astype(np.float32)).view(np.int32)
-        if bits.min() < 0:                                       # negative floats: reverse their bit order
-            bits = np.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-        keys = bits.astype(np.int64)
-        keys <<= 32
-        keys |= _flat_index(x.shape)                             # ties in float32: by column
+        if (not np.issubdtype(x.dtype, np.floating) or x.dtype.itemsize > 8 or u < 2 or x.size >= 2 ** 32
+                or sys.byteorder != "little"):
+            order = np.argsort(x, axis=-1)
+            carried = None if carry is None else np.take_along_axis(np.asarray(carry), order, axis=-1)
+            flat = order.reshape(-1) + _row_starts(x.shape)
+            return cls(x.reshape(-1)[flat].reshape(x.shape), None if carry is not None else flat, None, carried)
+        if carry is not None and x.dtype != np.float32:
+            raise ValueError(f"only float32 rows carry values along their sort, got {x.dtype}")
+        words = np.empty((*x.shape, 2), np.uint32)                  # int64 keys as (low, high) 32-bit words
+        words[..., 0] = _flat_index(x.shape) if carry is None else carry   # low: ties in float32 by it
+        words.view(np.float32)[..., 1] = x                           # high: the float32 bits of x
+        bits = words.view(np.int32)[..., 1]
+        negative = bool(bits.min() < 0)
+        if negative:                                                 # negative floats: reverse their bit order
+            np.bitwise_xor(bits, 0x7FFFFFFF, out=bits, where=bits < 0)
+        keys = words.view(np.int64)[..., 0]
         keys.sort(axis=-1)
-        flat = (keys & 0xFFFFFFFF).reshape(-1)                   # the flat index of each sorted value
-        values = x.reshape(-1)[flat].reshape(x.shape)
+        flat = carried = None
+        if carry is None:
+            flat = (keys & 0xFFFFFFFF).reshape(-1)                   # the flat index of each sorted value
+        else:
+            carried = words[..., 0]                                  # (a view: read once)
+        if x.dtype == np.float32:                                    # the sorted high words are the values
+            if negative:
+                np.bitwise_xor(bits, 0x7FFFFFFF, out=bits, where=bits < 0)
+            values = np.ascontiguousarray(words.view(np.float32)[..., 1])
+        else:
+            values = np.take(x.reshape(-1), flat).reshape(x.shape)
         maybe_tied = ~(values[..., 1:] > values[..., :-1]).all(axis=-1)   # not strictly increasing
         if maybe_tied.any():
             rows = np.flatnonzero(maybe_tied.reshape(-1))
-            x2, flat2, values2 = x.reshape(-1, u), flat.reshape(-1, u), values.reshape(-1, u)
+            x2, values2 = x.reshape(-1, u), values.reshape(-1, u)
             rows = rows[~(values2[rows, 1:] >= values2[rows, :-1]).all(axis=-1)]   # out of order (or NaN)
             order = np.argsort(x2[rows], axis=-1)
-            flat2[rows] = order + (rows * u)[:, None]
+            if carry is None:
+                flat.reshape(-1, u)[rows] = order + (rows * u)[:, None]
+            else:
+                words.reshape(-1, u, 2)[rows, :, 0] = np.take_along_axis(np.asarray(carry).reshape(-1, u)[rows], order,
+                                                                         axis=-1)
             values2[rows] = np.take_along_axis(x2[rows], order, axis=-1)
-        return cls(values, flat, maybe_tied)
+        return cls(values, flat, maybe_tied, carried)
+
+    def tied(self) -> np.ndarray:
+        """Bool (...): the rows that may hold equal values (or NaNs)."""
+        if self.maybe_tied is not None:
+            return self.maybe_tied
+        xs = self.values
+        return ~(xs[..., 1:] != xs[..., :-1]).all(axis=-1)
+
+    def sorted_ranks(self, rows: np.ndarray, centre: float = 0.0) -> np.ndarray:
+        """Average ranks minus `centre` of the sorted values of the rows `rows` (indices of the flattened rows):
+        (R, U), in sorted order (ties share the mean of their positions; NaNs each get their own)."""
+        u = self.values.shape[-1]
+        xs = self.values.reshape(-1, u)[rows]
+        first = np.ones(xs.shape, bool)
+        first[:, 1:] = xs[:, 1:] != xs[:, :-1]
+        last = np.ones(xs.shape, bool)
+        last[:, :-1] = first[:, 1:]
+        at = np.arange(u)
+        start = np.maximum.accumulate(np.where(first, at, 0), axis=-1)
+        end = np.minimum.accumulate(np.where(last, at + 1, u)[:, ::-1], axis=-1)[:, ::-1]
+        return (start + end + 1) / 2.0 - centre
 
     def ranks(self, centre: float = 0.0) -> np.ndarray:
         """Average ranks (1..U) in the original places, minus `centre`: ties share their average rank (as
         scipy.stats.rankdata; NaNs, unequal to everything, each get their own)."""
         xs, u = self.values, self.values.shape[-1]
-        tied_rows = self.maybe_tied
-        if tied_rows is None:
-            tied_rows = ~(xs[..., 1:] != xs[..., :-1]).all(axis=-1)
-        sorted_ranks = _positions(xs.shape, centre)                 # 1..U - centre on every row (read-only)
-        if tied_rows.any():   # rows with ties: each tie group gets the mean of its positions
-            tied = xs[tied_rows]
-            first = np.ones(tied.shape, bool)
-            first[:, 1:] = tied[:, 1:] != tied[:, :-1]
-            last = np.ones(tied.shape, bool)
-            last[:, :-1] = first[:, 1:]
-            at = np.arange(u)
-            start = np.maximum.accumulate(np.where(first, at, 0), axis=-1)
-            end = np.minimum.accumulate(np.where(last, at + 1, u)[:, ::-1], axis=-1)[:, ::-1]
-            sorted_ranks = sorted_ranks.reshape(xs.shape).copy()
-            sorted_ranks[tied_rows] = (start + end + 1) / 2.0 - centre
         ranks = np.empty(xs.shape, np.float64)
-        ranks.reshape(-1)[self.flat] = sorted_ranks.reshape(-1)
+        ranks.reshape(-1)[self.flat] = _positions(xs.shape, centre)   # 1..U - centre in sorted order
+        tied = np.flatnonzero(self.tied().reshape(-1))
+        if tied.size:   # rows with ties: each tie group gets the mean of its positions
+            ranks.reshape(-1)[self.flat.reshape(-1, u)[tied]] = self.sorted_ranks(tied, centre)
         return ranks
+
+    def places(self) -> np.ndarray:
+        """Each value's place (0..U-1) in its sorted row, in the original places (the inverse of the sort), uint32."""
+        shape = self.values.shape
+        out = np.empty(shape, np.uint32)
+        out.reshape(-1)[self.flat] = _columns(shape)
+        return out
 
     def median(self) -> np.ndarray:
         """np.median along the last axis (NaN where a row holds a NaN)."""
@@ -230,10 +270,19 @@ def _row_starts(shape: tuple[int, ...]) -> np.ndarray:
 
 @functools.lru_cache(maxsize=16)
 def _flat_index(shape: tuple[int, ...]) -> np.ndarray:
-    """0, 1, ... (the flat index of each element of an array of `shape`), int64 of that shape, read-only."""
-    index = np.arange(int(np.prod(shape, dtype=np.int64)), dtype=np.int64).reshape(shape)
+    """0, 1, ... (the flat index of each element of an array of `shape`, below 2^32), uint32 of that shape,
+    read-only."""
+    index = np.arange(int(np.prod(shape, dtype=np.int64)), dtype=np.uint32).reshape(shape)
     index.flags.writeable = False
     return index
+
+
+@functools.lru_cache(maxsize=16)
+def _columns(shape: tuple[int, ...]) -> np.ndarray:
+    """0..U-1 on every row of an array of `shape`, uint32, flat and read-only."""
+    out = np.tile(np.arange(shape[-1], dtype=np.uint32), int(np.prod(shape[:-1], dtype=np.int64)))
+    out.flags.writeable = False
+    return out
 
 
 @functools.lru_cache(maxsize=16)
@@ -244,12 +293,18 @@ def _positions(shape: tuple[int, ...], centre: float) -> np.ndarray:
     return out
 
 
+def count_true(mask: np.ndarray) -> np.ndarray:
+    """np.count_nonzero(mask, axis=-1) of a bool array, int64 (summed as bytes: about twice as fast)."""
+    small = mask.shape[-1] < 2 ** 16
+    return np.add.reduce(mask.view(np.uint8), axis=-1, dtype=np.uint16 if small else np.int64).astype(np.int64)
+
+
 def top_mask_of_sorted(x: np.ndarray, xs: np.ndarray, k: int) -> np.ndarray:
     """Bool (..., U): the k largest values of each row of `x` (`xs`: its rows sorted), ties to the lower index
     (as a stable argsort of -x)."""
     kth = xs[..., -k, None]                                      # the k-th largest value
     top = x >= kth
-    extra = np.count_nonzero(top, axis=-1) != k                  # rows with ties at the k-th value
+    extra = count_true(top) != k                                 # rows with ties at the k-th value
     if extra.any():
         row_x, row_kth = x[extra], kth[extra]
         tied = row_x == row_kth
@@ -285,15 +340,17 @@ def top_shares(scores: np.ndarray, ks: Sequence[int]) -> tuple[np.ndarray, np.nd
     return top_shares_of_sorted(np.sort(scores, axis=-1), ks)
 
 
-def moments(x: np.ndarray, weights: np.ndarray | None = None) -> dict[str, np.ndarray]:
+def moments(x: np.ndarray, weights: np.ndarray | None = None, sums: np.ndarray | None = None
+            ) -> dict[str, np.ndarray]:
     """Per-image moments of K variables observed on U units: x (..., K, U), weights (..., U) of 0/1 (None =
     all). Returns n (...), mean (..., K) and the centred co-moment cm (..., K, K) = sum_u (x - mean)(x -
     mean)^T, in float64 (two passes, so nearly constant values keep their spread). The totals pool images
-    with Chan et al.'s update into one Pearson r over all (image, unit) pairs."""
+    with Chan et al.'s update into one Pearson r over all (image, unit) pairs. sums: x.sum(axis=-1), when
+    known (no weights)."""
     x = np.asarray(x, np.float64)
     if weights is None:
         n = np.full(x.shape[:-2], float(x.shape[-1]))
-        mean = x.sum(axis=-1) / max(x.shape[-1], 1)
+        mean = (x.sum(axis=-1) if sums is None else sums) / max(x.shape[-1], 1)
         xc = x - mean[..., None]
     else:
         w = np.asarray(weights, np.float64)[..., None, :]
@@ -461,6 +518,17 @@ class AttentionLayout:
         return tuple(num_top(p, self.patches(block)) for p in self.top_fractions)
 
 
+class SplitMu(NamedTuple):
+    """mu of all blocks (same columns), split: prefix columns (B, blocks, prefix) and patch columns (B, blocks,
+    patches), C-contiguous (`Probe.host_values` adds each device pair into them: no copy of the patch columns)."""
+
+    prefix: np.ndarray
+    patch: np.ndarray
+
+
+Mus = Sequence[np.ndarray] | np.ndarray | SplitMu
+
+
 def _blocks(mus: Sequence[np.ndarray] | np.ndarray, layers: Sequence[int]) -> np.ndarray:
     """mu (B, G, N) of these blocks, from a list of per-block mu (B, N) or a stacked (B, blocks, N)."""
     if isinstance(mus, np.ndarray) and mus.ndim == 3:
@@ -472,10 +540,10 @@ PARTITION_ABOVE = 1024   # rows longer than this (Swin's first stages) are parti
                          # are needed: the statistics read only a few order statistics
 
 
-def _ranked_patches(mus: Sequence[np.ndarray] | np.ndarray, prefix: int, groups: Sequence[Sequence[int]],
-                    order: bool = True, needed: Callable[[int], Sequence[int]] | None = None
-                    ) -> list[tuple[np.ndarray, np.ndarray, Ranked]]:
-    """Per group of blocks with the same columns: mu (B, G, N), its patch columns (contiguous), their ranking.
+def _ranked_patches(mus: Mus, prefix: int, groups: Sequence[Sequence[int]], order: bool = True,
+                    needed: Callable[[int], Sequence[int]] | None = None) -> list[tuple[np.ndarray, np.ndarray, Ranked]]:
+    """Per group of blocks with the same columns: mu (B, G, N) (`SplitMu`: its prefix columns), its patch
+    columns (contiguous), their ranking.
 
     order=False: the sorted values only, no ranks; for long rows only partitioned, so that the positions
     `needed(columns)` (and the first and last) hold the values sorting would put there, each position's larger
@@ -483,8 +551,13 @@ def _ranked_patches(mus: Sequence[np.ndarray] | np.ndarray, prefix: int, groups:
     """
     out = []
     for layers in groups:
-        mu = _blocks(mus, layers)
-        patch = np.ascontiguousarray(mu[..., prefix:])
+        if isinstance(mus, SplitMu):
+            if mus.prefix.shape[-1] != prefix:
+                raise ValueError(f"{mus.prefix.shape[-1]} prefix columns given, the layout has {prefix}")
+            mu, patch = _layers(mus.prefix, layers), np.ascontiguousarray(_layers(mus.patch, layers))
+        else:
+            mu = _blocks(mus, layers)
+            patch = np.ascontiguousarray(mu[..., prefix:])
         u = patch.shape[-1]
         if order:
             rank = Ranked.of(patch)
@@ -505,19 +578,21 @@ def _order_statistics(lay: AttentionLayout) -> dict[int, tuple[int, ...]]:
             for l in range(len(lay.grids))}
 
 
-def _column_counts(mus: Sequence[np.ndarray] | np.ndarray) -> list[int]:
+def _column_counts(mus: Mus) -> list[int]:
+    if isinstance(mus, SplitMu):
+        return [mus.prefix.shape[2] + mus.patch.shape[2]] * mus.patch.shape[1]
     if isinstance(mus, np.ndarray) and mus.ndim == 3:
         return [mus.shape[2]] * mus.shape[1]
     return [m.shape[-1] for m in mus]
 
 
-def attention_image_values(mus: Sequence[np.ndarray] | np.ndarray, last_mu_h: np.ndarray, lay: AttentionLayout,
-                           norms: np.ndarray | None = None) -> dict[str, np.ndarray]:
+def attention_image_values(mus: Mus, last_mu_h: np.ndarray, lay: AttentionLayout, norms: np.ndarray | None = None
+                           ) -> dict[str, np.ndarray]:
     """Every attention statistic of each image of a batch (leading axis B), for the totals (`totals_for`).
 
-    mus: per block mu (B, prefix + patches), or all blocks stacked (B, blocks, N); last_mu_h: the last block's
-    mu_h (B, heads, prefix + patches), both float64 (`hi_lo` of the device's `mean_with_error` pairs); norms:
-    the token norms of `norm_image_values` (their values are added), or None.
+    mus: per block mu (B, prefix + patches), or all blocks stacked (B, blocks, N) or split (`SplitMu`);
+    last_mu_h: the last block's mu_h (B, heads, prefix + patches), both float64 (`hi_lo` of the device's
+    `mean_with_error` pairs); norms: the token norms of `norm_image_values` (their values are added), or None.
     """
     p, (lo, hi, bins) = lay.prefix, lay.nu_range
     b = last_mu_h.shape[0]
@@ -543,7 +618,9 @@ def attention_image_values(mus: Sequence[np.ndarray] | np.ndarray, last_mu_h: np
         pooled.append({"x": pool_to(patch, lay.grids[layers[0]], lay.corr_grid)})
     out = {"images": np.ones(b, np.int64), **by_layer(parts, groups),
            "nu_hist": hist[0] if len(hist) == 1 else np.concatenate(hist, axis=1)}
-    out.update({f"layers_{k}": v for k, v in moments(by_layer(pooled, groups)["x"]).items()})   # (B, L, cells)
+    x = by_layer(pooled, groups)["x"]
+    sums = out["patch_mu"] if x is ranked[0][1] else None            # one group on the correlation grid (ViTs)
+    out.update({f"layers_{k}": v for k, v in moments(x, sums=sums).items()})   # (B, L, cells)
     out.update({f"heads_{k}": v for k, v in moments(last_mu_h[:, :, p:]).items()})            # (B, heads, P)
     last = sum(map(len, groups)) - 1                                               # the last block
     g, j = next((g, layers.index(last)) for g, layers in enumerate(groups) if last in layers)
@@ -566,30 +643,90 @@ def _norm_values(ranked: Sequence[tuple[np.ndarray, np.ndarray, Ranked]], groups
         norms = norms.astype(np.float64)
     blocks = norms.shape[1] - 1
     inputs = np.ascontiguousarray(norms[:, :blocks, p:])            # (B, L, P): block l's input; float32 as measured
-    rank = Ranked.of(inputs)                                         # ranked (Spearman r with mu)
+    carry = None
+    if (inputs.dtype == np.float32 and len(groups) == 1 and list(groups[0]) == list(range(blocks))
+            and ranked[0][1].shape == inputs.shape):   # ViTs: sorted along with mu's place of each token
+        carry = ranked[0][2].places()
+    rank = Ranked.of(inputs, carry=carry)                            # ranked (Spearman r with mu)
     last = np.sort(norms[:, blocks, p:], axis=-1)                    # the last output: only its median is needed
     median = np.concatenate([rank.median(), Ranked(last, None).median()[:, None]], axis=1)   # (B, L+1) float64
-    high = norms[..., p:] > factor * median[..., None]               # high-norm tokens of each norm capture
+    threshold = factor * median                                      # high-norm tokens: above it
+    high = _above(inputs, threshold[:, :blocks])                     # (B, L, P) of the inputs
+    high_last = _above(norms[:, blocks, p:], threshold[:, blocks])   # (B, P) of the last output
+    high_count = np.concatenate([count_true(high), count_true(high_last)[:, None]], axis=1)
     u = inputs.shape[-1]
     centre = (u + 1) / 2.0                                           # the mean of the ranks 1..U
-    norm_ranks = rank.ranks(centre)
     parts = []
     for layers, (_, patch, mu_rank) in zip(groups, ranked):
         if patch.shape[-1] != u:
             raise ValueError(f"token norms of {u} patch tokens do not fit blocks of {patch.shape[-1]} patch columns")
-        top = mu_rank.top(patch, num_top(lay.norm_top_fraction, u))
-        ra, rb = mu_rank.ranks(centre), _layers(norm_ranks, layers)
-        den = np.sqrt(np.einsum("...i,...i->...", ra, ra) * np.einsum("...i,...i->...", rb, rb))
+        if rank.carried is not None:
+            rho, den = _spearman_sums(mu_rank, rank)
+        else:
+            ra, rb = mu_rank.ranks(centre), _layers(rank.ranks(centre), layers)
+            den = np.sqrt(np.einsum("...i,...i->...", ra, ra) * np.einsum("...i,...i->...", rb, rb))
+            rho = np.einsum("...i,...i->...", ra, rb)
         ok = den > 0                                                 # a constant row: no Spearman r
-        rho = np.einsum("...i,...i->...", ra, rb)
-        top_high = np.count_nonzero(top & _layers(high, layers), axis=-1)
-        parts.append({"norm_overlap": top_high / np.count_nonzero(top, axis=-1),
+        top_high, top = _top_in(patch, mu_rank, num_top(lay.norm_top_fraction, u), _layers(high, layers))
+        parts.append({"norm_overlap": top_high / top,
                       "norm_spearman": np.where(ok, rho / np.where(ok, den, 1.0), 0.0),
                       "norm_spearman_images": ok.astype(np.float64)})
-    return {"norm_high_share": np.count_nonzero(high, axis=-1) / u,  # (B, L+1): embed, block outputs
+    return {"norm_high_share": high_count / u,                       # (B, L+1): embed, block outputs
             "norm_patch_median": median,
             "norm_prefix": norms[:, :, :p].astype(np.float64),      # (B, L+1, prefix)
             **by_layer(parts, groups)}
+
+
+def _above(x: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """x > t[..., None] (x (..., U), t (...) float64). Float32 x is compared in float32 with t rounded down to
+    a float32 (the largest <= t): the same booleans, without casting x."""
+    if x.dtype != np.float32:
+        return x > t[..., None]
+    with np.errstate(over="ignore"):
+        t32 = t.astype(np.float32)
+    t32 = np.where(t32 > t, np.nextafter(t32, np.float32(-np.inf)), t32)
+    return x > t32[..., None]
+
+
+def _spearman_sums(a: Ranked, b: Ranked) -> tuple[np.ndarray, np.ndarray]:
+    """Spearman r's numerator sum_i ra_i rb_i and denominator sqrt(sum_i ra_i^2 sum_i rb_i^2) per row of two
+    ranked arrays of the same shape (..., U), the average ranks centred on (U + 1) / 2, b ranked with a's
+    places (`Ranked.of(x, carry=a.places())`), so that no rank goes back to its place. The sums are of multiples
+    of 1/4 far below 2^53, so exact in any order: the same bits as the sums over the ranks in place."""
+    u = b.values.shape[-1]
+    centre = (u + 1) / 2.0
+    g = b.carried.reshape(-1, u)                                     # a's place (0..U-1) of b's j-th smallest
+    w = np.arange(1, u + 1) - centre                                 # the rank at place j (rows without ties)
+    rho = g.astype(np.float64) @ w                                   # = sum_j w_j (g_j + 1 - centre): sum_j w_j = 0
+    sa = np.full(g.shape[0], w @ w)                                  # U (U^2 - 1) / 12
+    sb = sa.copy()
+    a_tied, b_tied = a.tied().reshape(-1), b.tied().reshape(-1)
+    tied = np.flatnonzero(a_tied | b_tied)
+    if tied.size:   # rows with ties (or NaNs): the average ranks, a's gathered in b's order
+        ra, rb = a.sorted_ranks(tied, centre), b.sorted_ranks(tied, centre)
+        rho[tied] = np.einsum("ij,ij->i", np.take_along_axis(ra, g[tied].astype(np.intp), axis=-1), rb)
+        sa[tied], sb[tied] = np.einsum("ij,ij->i", ra, ra), np.einsum("ij,ij->i", rb, rb)
+    shape = b.values.shape[:-1]
+    return rho.reshape(shape), np.sqrt(sa * sb).reshape(shape)
+
+
+def _top_in(x: np.ndarray, ranked: Ranked, k: int, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """How many of the k largest values of each row of x (..., U) (`top_mask_of_sorted`; `ranked`: x's ranking)
+    lie where `mask` (bool, shaped like x) is True, and how many there are (k; fewer in rows with NaNs). Rows
+    whose k-th largest value is above the rest and that hold no NaN are the last k sorted values: their mask
+    entries are gathered; the other rows build the top-k mask."""
+    u, shape = x.shape[-1], x.shape[:-1]
+    xs = ranked.values.reshape(-1, u)
+    if k >= u or ranked.flat is None:
+        top = top_mask_of_sorted(x, ranked.values, k)
+        return count_true(top & mask), count_true(top)
+    inside = np.take(np.ascontiguousarray(mask).reshape(-1), ranked.flat.reshape(-1, u)[:, u - k:]).sum(axis=-1)
+    count = np.full(inside.shape, k, np.int64)
+    rows = np.flatnonzero(~((xs[:, u - k - 1] < xs[:, u - k]) & ~np.isnan(xs[:, -1])))
+    if rows.size:
+        top = top_mask_of_sorted(x.reshape(-1, u)[rows], xs[rows], k)
+        inside[rows], count[rows] = count_true(top & mask.reshape(-1, u)[rows]), count_true(top)
+    return inside.reshape(shape), count.reshape(shape)
 
 
 def _layers(x: np.ndarray, layers: Sequence[int]) -> np.ndarray:
