@@ -77,8 +77,7 @@ def start(count: int | None = None) -> None:
 def stop() -> None:
     """Stops the workers: those not started are dropped; the processes end in the background (a job in progress
     still finishes, and this process waits for them when it exits)."""
-    global _pool, _size
-    global _broken
+    global _pool, _size, _broken
     with _lock:
         pool, _pool, _size, _broken = _pool, None, 0, False
         _pending.clear()
@@ -144,9 +143,10 @@ def wait() -> None:
     """Blocks until every figure sent to a worker is on disk; raises the first job's error (with its figure). A
     figure whose worker process died (killed, out of memory) is drawn here instead, with a warning."""
     global _broken
-    with _lock:
-        jobs = list(_pending)
-        _pending.clear()
+    jobs = list(_pending)   # (only the run's thread adds jobs)
+    futures.wait([job.future for job in jobs])   # all of them, before any error goes on (no file written after)
+    with _lock:   # an interrupted wait leaves them to `_cancel`
+        del _pending[:len(jobs)]
     for job in jobs:
         error = job.future.exception()
         if isinstance(error, BrokenProcessPool):
