@@ -44,7 +44,6 @@ WARM_MODULES = ("matplotlib.pyplot", "jax", "vitsparse_jax.runtime.workdir")   #
 _lock = threading.Lock()
 _pool: futures.ProcessPoolExecutor | None = None
 _size = 0
-_active = False                    # inside `drawing()`: jobs may go to the workers
 _broken = False                    # a worker died: this run draws its figures itself
 _pending: list[_Job] = []          # figures sent to a worker, in order
 
@@ -90,16 +89,15 @@ def drawing() -> Iterator[None]:
     """While the block runs, `Workdir.figure` sends jobs to free workers. At its end every figure is on disk
     (or the first error is raised); if the block fails, the jobs in progress finish before the error goes on
     (a final write that fails then undoes their files too)."""
-    global _active
-    _active = True
+    from vitsparse_jax.runtime import workdir as wd
+
     try:
-        yield
+        with wd.figure_jobs(_take):
+            yield
         wait()
     except BaseException:
         _cancel()
         raise
-    finally:
-        _active = False
 
 
 @dataclasses.dataclass
@@ -114,29 +112,27 @@ class _Job:
     kwargs: dict
 
 
-def draw(workdir: Any, stem: str, make: Callable[..., Any], args: tuple, kwargs: dict) -> None:
-    """`Workdir.figure`: the job to a free worker, else drawn here."""
+def _take(workdir: Any, stem: str, make: Callable[..., Any], args: tuple, kwargs: dict) -> bool:
+    """`Workdir.figure` inside `drawing()`: the job to a free worker (True), or False (drawn by the caller)."""
     from vitsparse_jax.runtime import workdir as wd
 
     global _broken
     formats, dpi, stem_path = wd.figure_formats(), wd.figure_dpi(), workdir.path(stem)
     with _lock:
-        free = (_active and _pool is not None and not _broken
-                and sum(not job.future.done() for job in _pending) < _size)
-        if free:
-            for ext in formats:   # announced here: the completion marker, the final write's journal
-                wd.before_write(stem_path.with_name(f"{stem_path.name}.{ext}"))
-            try:
-                future = _pool.submit(_draw, str(stem_path), make, args, kwargs, formats, dpi)
-            except BrokenProcessPool as e:
-                _broken, free = True, False
-                _warn_broken(e)
-            else:
-                _pending.append(_Job(stem, future, workdir, make, args, kwargs))
-                name = stem_path.relative_to(workdir.root)
-                future.add_done_callback(lambda f: f.exception() is None and wd.log_figure(name, *f.result()))
-    if not free:
-        workdir.save_figure(make(*args, **kwargs), stem, dpi)
+        if _pool is None or _broken or sum(not job.future.done() for job in _pending) >= _size:
+            return False
+        for ext in formats:   # announced here: the completion marker, the final write's journal
+            wd.before_write(stem_path.with_name(f"{stem_path.name}.{ext}"))
+        try:
+            future = _pool.submit(_draw, str(stem_path), make, args, kwargs, formats, dpi)
+        except BrokenProcessPool as e:
+            _broken = True
+            _warn_broken(e)
+            return False
+        _pending.append(_Job(stem, future, workdir, make, args, kwargs))
+        name = stem_path.relative_to(workdir.root)
+        future.add_done_callback(lambda f: f.exception() is None and wd.log_figure(name, *f.result()))
+        return True
 
 
 def wait() -> None:

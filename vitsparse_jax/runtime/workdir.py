@@ -44,6 +44,8 @@ DEFAULT_FIGURE_DPI = 150                              # screen and report.html; 
 FIGURE_FORMATS = ("png", "pdf")                       # what save_figure can write (png: report.html inlines it)
 _FIGURE_OPTIONS: contextvars.ContextVar[tuple[tuple[str, ...] | None, int | None]] = contextvars.ContextVar(
     "vitsparse_jax_figure_options", default=(None, None))   # the run's config.figures / figure_dpi (figure_options)
+_FIGURE_JOBS: contextvars.ContextVar[Any] = contextvars.ContextVar(
+    "vitsparse_jax_figure_jobs", default=None)   # take(workdir, stem, make, args, kwargs) -> bool (`figure_jobs`)
 COMPLETE_FILE = "COMPLETE.json"   # the completion marker: written last, removed before any other write
 LOCK_FILE = ".lock"
 _ROOTS: set[Path] = set()          # every Workdir root of this process (see _invalidate_completion)
@@ -203,6 +205,17 @@ def write_figure(fig: Any, stem_path: Path, formats: tuple[str, ...], dpi: int) 
     return paths
 
 
+@contextlib.contextmanager
+def figure_jobs(take: Any) -> Iterator[None]:
+    """While the block runs, `Workdir.figure` first offers each figure to `take(workdir, stem, make, args,
+    kwargs)`, which returns whether it took the job (runtime/figure_pool.py: a free worker process)."""
+    token = _FIGURE_JOBS.set(take)
+    try:
+        yield
+    finally:
+        _FIGURE_JOBS.reset(token)
+
+
 def log_figure(name: Path, paths: list[Path], seconds: float) -> None:
     """The progress line of one figure written."""
     log.info("figure %s written (%s, %.1f s)", name, "+".join(p.suffix[1:] for p in paths), seconds)
@@ -295,9 +308,9 @@ class Workdir:
         """Draws `make(*args, **kwargs)` (a module-level function that returns a matplotlib Figure) and saves
         it as `save_figure` does; during a run's `figure_pool.drawing()` block in a free worker process (the
         files are complete when the block ends, or at `figure_pool.wait()`), else here and now."""
-        from vitsparse_jax.runtime import figure_pool
-
-        figure_pool.draw(self, stem, make, args, kwargs)
+        take = _FIGURE_JOBS.get()
+        if take is None or not take(self, stem, make, args, kwargs):
+            self.save_figure(make(*args, **kwargs), stem)
 
     def write_npz(self, name: str, arrays: Mapping[str, np.ndarray]) -> Path:
         """A compressed .npz of named arrays, written atomically."""
