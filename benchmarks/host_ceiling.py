@@ -116,9 +116,9 @@ def sparsity_contenders(probe, batches: list[dict], batch: int, steps: int) -> d
 
     total = batch * steps
     valid = np.ones(batch, bool)
+    sums = probe.totals(probe.host_values(batches[0]), total)   # the totals' layout: once per pass, as the pass does
 
     def new() -> dict:
-        sums = probe.totals(probe.host_values(batches[0]), total)
         state = sums.init()
         for s in range(steps):
             sums.add(state, probe.host_values(batches[s % len(batches)]), valid, np.arange(s * batch, (s + 1) * batch))

@@ -117,6 +117,24 @@ def test_digits_fixed_split():
     assert data.make_eval_source(data_config()).name == "digits:test"  # the project's default data
 
 
+def test_digits_read_without_sklearn_are_sklearns_digits():
+    from sklearn.datasets import load_digits
+
+    images, targets = sources.load_digits()
+    want = load_digits()
+    assert images.dtype == want.images.dtype and targets.dtype == want.target.dtype
+    np.testing.assert_array_equal(images, want.images)
+    np.testing.assert_array_equal(targets, want.target)
+
+
+def test_digits_come_from_sklearn_when_its_file_is_not_found(monkeypatch):
+    want = sources.load_digits()
+    monkeypatch.setattr(sources.importlib.util, "find_spec", lambda name: None)
+    images, targets = sources.load_digits()
+    np.testing.assert_array_equal(images, want[0])
+    np.testing.assert_array_equal(targets, want[1])
+
+
 # ------------------------------------------------------------------------------------- TFDS, offline
 
 def _tiny_builder_class(images: list[bytes], labels: list[str], class_names: list[str]):

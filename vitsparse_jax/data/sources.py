@@ -380,6 +380,26 @@ DIGITS_TEST_SIZE = 400
 DIGITS_SPLIT_SEED = 0
 
 
+def load_digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits: images (1797, 8, 8) float64 in 0..16 and targets (1797,) int.
+
+    Read from the file scikit-learn ships (`sklearn/datasets/data/digits.csv.gz`: 64 pixels and the digit per
+    row), found without importing scikit-learn: its import takes 0.7-1 s, a tenth of a small run's fixed cost
+    (BENCHMARKS.md). The same numbers as `sklearn.datasets.load_digits()` (tests/test_data_sources.py), which
+    is used if the file is not where it has always been.
+    """
+    spec = importlib.util.find_spec("sklearn")
+    if spec is not None and spec.submodule_search_locations:
+        path = os.path.join(spec.submodule_search_locations[0], "datasets", "data", "digits.csv.gz")
+        if os.path.isfile(path):
+            rows = np.loadtxt(path, delimiter=",")
+            return rows[:, :-1].reshape(-1, 8, 8), rows[:, -1].astype(int)
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    digits = sklearn_digits()
+    return digits.images, digits.target
+
+
 class DigitsSource(Source):
     """scikit-learn's 8x8 handwritten digits (1797 images, BSD-3): grey 0..16 -> uint8 RGB.
 
@@ -389,17 +409,15 @@ class DigitsSource(Source):
 
     def __init__(self, split: str = "test"):
         super().__init__()
-        from sklearn.datasets import load_digits
-
-        digits = load_digits()
-        order = np.random.default_rng(DIGITS_SPLIT_SEED).permutation(len(digits.target))
+        images, targets = load_digits()
+        order = np.random.default_rng(DIGITS_SPLIT_SEED).permutation(len(targets))
         splits = {"test": np.sort(order[:DIGITS_TEST_SIZE]), "train": np.sort(order[DIGITS_TEST_SIZE:])}
         if split not in splits:
             raise ValueError(f"digits has splits 'train' and 'test', not {split!r}")
         self.indices = splits[split]
-        grey = np.round(digits.images[self.indices] * (255.0 / 16.0)).astype(np.uint8)
+        grey = np.round(images[self.indices] * (255.0 / 16.0)).astype(np.uint8)
         self.images = np.repeat(grey[..., None], 3, axis=-1)  # (N, 8, 8, 3)
-        self._labels = digits.target[self.indices].astype(np.int32)
+        self._labels = targets[self.indices].astype(np.int32)
         self.class_names = tuple(str(d) for d in range(10))
         self.name = f"digits:{split}"
 
