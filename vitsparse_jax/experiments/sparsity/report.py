@@ -99,7 +99,6 @@ def attention_outputs(workdir: Workdir, name: str, probe: Probe, res: dict, ex: 
          figs.nu_density_grid, edges, dens, res["nu_reference"], names)
     if ex is not None:
         save("figS1_all_heads", f"Fig. S1: {ex.heads_title}.", figs.all_heads, ex.heads, ex.heads_title)
-    if ex is not None:
         save("fig1_example_attention", f"Fig. 1: image {ex.index}, the attention map of {ex.head_title} and the "
              "patches of its 3 brightest columns.",
              figs.example_attention, ex.image, ex.head_map, ex.top_cells, lay.grids[-1], ex.head_title)
